@@ -1,0 +1,51 @@
+"""Shared fixtures: the real assets (pretrained ResNet-20, 1000 real CIFAR-10 test images)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assets_dir() -> Path | None:
+    env = os.environ.get("TEXQ_ASSETS")
+    path = Path(env) if env else ROOT.parent / "shared" / "assets"
+    return path if (path / "cifar10" / "resnet20-12fca82f.th").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    path = assets_dir()
+    if path is None:
+        if os.environ.get("TEXQ_REQUIRE_ASSETS") == "1":
+            pytest.fail("the shared assets are required (TEXQ_REQUIRE_ASSETS=1) but not found: "
+                        "set TEXQ_ASSETS to the folder holding cifar10/resnet20-12fca82f.th")
+        pytest.skip("shared assets not found (set TEXQ_ASSETS)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_checkpoint(assets) -> Path:
+    return assets / "cifar10" / "resnet20-12fca82f.th"
+
+
+@pytest.fixture(scope="session")
+def test1000(assets) -> Path:
+    return assets / "cifar10" / "test_first1000.npz"
+
+
+@pytest.fixture(scope="session")
+def shared_model(shared_checkpoint):
+    from texq.models import create_model
+
+    return create_model("resnet20a_cifar10", checkpoint=shared_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def test1000_data(test1000, shared_model):
+    from texq.data import load_eval_data
+
+    return load_eval_data(str(test1000), shared_model.texq_info)

@@ -1,0 +1,131 @@
+"""``texq eval``: the acceptance figures on real data, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from texq.cli import main
+from texq.models import create_model
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.assets
+def test_fp_eval_of_shared_model_is_915_of_1000(capsys, shared_checkpoint, test1000, tmp_path):
+    rc, out, err = run_cli(capsys, "eval", "--model", "resnet20a_cifar10", "--checkpoint",
+                           str(shared_checkpoint), "--data", str(test1000), "--no-progress",
+                           "--out", str(tmp_path / "r.json"))
+    assert rc == 0, err
+    res = last_json(out)
+    assert (res["correct"], res["n"], res["top1"]) == (915, 1000, 91.5)
+    assert (res["w_bits"], res["a_bits"]) == (32, 32)
+    lo, hi = res["top1_ci95"]
+    assert lo < 91.5 < hi and hi - lo == pytest.approx(3.46, abs=0.1)
+    assert json.loads((tmp_path / "r.json").read_text()) == res
+
+
+@pytest.mark.assets
+def test_quantized_eval_reports_bits(capsys, shared_checkpoint, test1000):
+    rc, out, err = run_cli(capsys, "eval", "--model", "resnet20a_cifar10", "--checkpoint",
+                           str(shared_checkpoint), "--data", str(test1000), "--w-bits", "8",
+                           "--a-bits", "8", "--calib-batches", "2", "--no-progress")
+    assert rc == 0, err
+    res = last_json(out)
+    assert (res["w_bits"], res["a_bits"], res["calib"], res["n"]) == (8, 8, "noise", 1000)
+    assert abs(res["top1"] - 91.5) <= 1.0
+
+
+@pytest.fixture
+def small_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "small.npz"
+    np.savez(path, x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y=np.arange(8) % 10)
+    return path
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "r20a.pt"
+    torch.save(create_model("resnet20a_cifar10").state_dict(), path)
+    return path
+
+
+def bad_inputs(tmp_path, ckpt, small_npz):
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:1000])
+    other = tmp_path / "other.pt"
+    torch.save(create_model("resnet20_cifar10").state_dict(), other)
+    wrong_shape = tmp_path / "shape.npz"
+    np.savez(wrong_shape, x=np.zeros((4, 32, 32), np.uint8), y=np.zeros(4, int))
+    wrong_labels = tmp_path / "labels.npz"
+    np.savez(wrong_labels, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 1, 12, 3]))
+    base = ["eval", "--model", "resnet20a_cifar10", "--no-progress"]
+    return {
+        "missing checkpoint": (base + ["--checkpoint", str(tmp_path / "gone.th"), "--data", str(small_npz)],
+                               "not found"),
+        "truncated checkpoint": (base + ["--checkpoint", str(truncated), "--data", str(small_npz)],
+                                 "truncated"),
+        "other architecture": (base + ["--checkpoint", str(other), "--data", str(small_npz)],
+                               "missing keys"),
+        "bits 9": (base + ["--checkpoint", str(ckpt), "--data", str(small_npz), "--w-bits", "9"],
+                   "w_bits=9"),
+        "bits 1": (base + ["--checkpoint", str(ckpt), "--data", str(small_npz), "--a-bits", "1"],
+                   "a_bits=1"),
+        "wrong data shape": (base + ["--checkpoint", str(ckpt), "--data", str(wrong_shape)],
+                             "expected (N, H, W, 3)"),
+        "labels out of range": (base + ["--checkpoint", str(ckpt), "--data", str(wrong_labels)],
+                                "label 12 at index 2"),
+        "missing data": (base + ["--checkpoint", str(ckpt), "--data", str(tmp_path / "none.npz")],
+                         "not found"),
+        "no weights": (base + ["--data", str(small_npz)], "--checkpoint PATH or --pretrained"),
+        "unknown model": (["eval", "--model", "resnet21_cifar10", "--checkpoint", str(ckpt),
+                           "--data", str(small_npz)], "6n+2"),
+    }
+
+
+def test_bad_inputs_give_one_clear_line_and_write_nothing(capsys, tmp_path, ckpt, small_npz):
+    for case, (argv, needle) in bad_inputs(tmp_path, ckpt, small_npz).items():
+        out_file = tmp_path / f"{case}.json"
+        rc, out, err = run_cli(capsys, *argv, "--out", str(out_file))
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("texq: error:")]
+        assert rc == 2, case
+        assert len(lines) == 1 and needle in lines[0], (case, err)
+        assert "Traceback" not in err, case
+        assert out == "", case
+        assert not out_file.exists(), case
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_console_script_exit_status(tmp_path, small_npz):
+    """The installed entry point: non-zero exit and a single error line, no traceback."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "texq.cli", "eval", "--model", "resnet20a_cifar10", "--checkpoint",
+         str(tmp_path / "missing.th"), "--data", str(small_npz)],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("texq: error: checkpoint not found")
+    assert "Traceback" not in proc.stderr
+
+
+def test_models_command(capsys):
+    rc, out, err = run_cli(capsys, "models")
+    assert rc == 0
+    names = last_json(out)["models"]
+    assert "resnet20_cifar10" in names and "resnet20a_cifar10" in names and "mobilenet_v2" in names

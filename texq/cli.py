@@ -1,0 +1,127 @@
+"""``texq`` command line.
+
+Every command prints human-readable progress on stderr and, as the last line on stdout, one JSON
+object with its result. Bad input exits with status 2 and one ``texq: error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import torch
+
+from texq.errors import TexqError
+
+log = logging.getLogger("texq")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TexqError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from texq.data import gaussian_batches, load_eval_data
+    from texq.eval import evaluate
+    from texq.io import write_json
+    from texq.models import create_model
+    from texq.quant import FULL_PRECISION, QuantConfig, calibrate, quantize
+
+    start = time.perf_counter()
+    if args.checkpoint is None and not args.pretrained:
+        raise TexqError("give the model's weights: --checkpoint PATH or --pretrained")
+    cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, per_channel=not args.per_tensor,
+                      first_layer_bits=args.first_layer_bits, last_layer_bits=args.last_layer_bits,
+                      fold_bn=args.fold_bn)
+    device = resolve_device(args.device)
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    info = model.texq_info
+    data = load_eval_data(args.data, info)
+    log.info("model %s, data %s (%d images), device %s", args.model, args.data, len(data), device)
+    if not cfg.is_full_precision:
+        model = quantize(model, cfg)
+        log.info("quantized W%dA%d", cfg.w_bits, cfg.a_bits)
+    model = model.to(device)
+    calib = None
+    if cfg.a_bits != FULL_PRECISION:
+        calib = args.calib
+        log.info("calibrating activation ranges on %d x %d Gaussian-noise images (seed %d)",
+                 args.calib_batches, args.calib_batch_size, args.seed)
+        calibrate(model, gaussian_batches(info, args.calib_batches, args.calib_batch_size, args.seed),
+                  device=device, progress=not args.no_progress)
+    result = evaluate(model, data, batch_size=args.batch_size, device=device,
+                      progress=not args.no_progress, workers=args.workers)
+    out = {"command": "eval", "model": args.model, "checkpoint": args.checkpoint,
+           "data": args.data, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "calib": calib,
+           "seed": args.seed, "device": str(device), **result.to_dict(),
+           "seconds": round(time.perf_counter() - start, 2)}
+    if args.out:
+        write_json(args.out, out)
+    return out
+
+
+def cmd_models(args: argparse.Namespace) -> dict:
+    from texq.models import list_models, model_info
+
+    rows = [model_info(n).to_dict() for n in list_models()]
+    for r in rows:
+        log.info("%-22s %4d classes  %3dpx  %s", r["name"], r["num_classes"], r["input_size"], r["dataset"])
+    return {"command": "models", "models": [r["name"] for r in rows]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="texq", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a full-precision or quantized model")
+    e.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10 (see `texq models`)")
+    e.add_argument("--checkpoint", help="weights file to load (state dict or a dict holding one)")
+    e.add_argument("--pretrained", action="store_true", help="use the published weights (download)")
+    e.add_argument("--data", required=True, help="a .npz file, cifar10, cifar100 or an image folder")
+    e.add_argument("--w-bits", type=int, default=32, help="weight bits, 2..8 (32 = float)")
+    e.add_argument("--a-bits", type=int, default=32, help="activation bits, 2..8 (32 = float)")
+    e.add_argument("--per-tensor", action="store_true", help="one weight range per tensor")
+    e.add_argument("--first-layer-bits", type=int, help="weight bits of the first layer")
+    e.add_argument("--last-layer-bits", type=int, help="bits of the last layer")
+    e.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs first")
+    e.add_argument("--calib", choices=["noise"], default="noise",
+                   help="images that set activation ranges: noise = N(0,1) in input space")
+    e.add_argument("--calib-batches", type=int, default=8)
+    e.add_argument("--calib-batch-size", type=int, default=128)
+    e.add_argument("--seed", type=int, default=0, help="seed of the calibration noise")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--out", help="also write the JSON result to this file (atomically)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("models", help="list registered model names")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        result = args.func(args)
+    except TexqError as exc:
+        print(f"texq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("texq: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Resolve a data SPEC to an evaluation set for a model.
+
+SPEC is one of: a ``.npz`` file (see :mod:`texq.data.arrays`); ``cifar10`` / ``cifar100`` (the
+test split through torchvision, downloaded into ``$TEXQ_DATA`` -- default ``~/.cache/texq/data``
+-- on machines with internet); or an ImageNet-style folder with one subfolder per class, whose
+sorted names give the class indices (ImageNet's synset folders and CIFAR's class names both sort
+into the standard order).
+
+Only test/validation images are read here: the zero-shot path never needs training data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from texq.data.arrays import npz_dataset
+from texq.errors import DataError
+from texq.models.registry import ModelInfo
+from texq.models.weights import texq_home
+
+TORCHVISION_SETS = {"cifar10": 10, "cifar100": 100}
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("TEXQ_DATA", texq_home() / "data"))
+
+
+def eval_transform(info: ModelInfo):
+    from torchvision import transforms as T
+
+    size = info.input_size
+    resize = [T.Resize((size, size))] if size <= 64 else [T.Resize(round(size / 0.875)), T.CenterCrop(size)]
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def _torchvision_set(name: str, info: ModelInfo, root: Path, download: bool) -> Dataset:
+    from torchvision import datasets
+
+    classes = TORCHVISION_SETS[name]
+    if classes != info.num_classes:
+        raise DataError(f"data {name} has {classes} classes, model {info.name} has {info.num_classes}")
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        return cls(str(root), train=False, transform=eval_transform(info), download=download)
+    except (RuntimeError, OSError) as exc:  # not found / corrupt / no internet
+        raise DataError(f"{name} test set not available under {root} ({exc}); on a machine "
+                        f"without internet copy it there or set TEXQ_DATA") from exc
+
+
+def _folder_set(path: Path, info: ModelInfo) -> Dataset:
+    from torchvision import datasets
+
+    try:
+        ds = datasets.ImageFolder(str(path), transform=eval_transform(info))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"{path} is not an image folder with one subfolder per class: {exc}") from exc
+    if len(ds.classes) != info.num_classes:
+        raise DataError(f"{path} has {len(ds.classes)} class folders, model {info.name} has "
+                        f"{info.num_classes}: the folder must hold one subfolder per class, "
+                        f"sorted names giving indices 0..{info.num_classes - 1}")
+    return ds
+
+
+def load_eval_data(spec: str, info: ModelInfo, download: bool = True) -> Dataset:
+    """The evaluation set named by ``spec``, normalised for the model described by ``info``."""
+    if spec in TORCHVISION_SETS:
+        return _torchvision_set(spec, info, data_root(), download)
+    path = Path(spec)
+    if path.suffix == ".npz":
+        return npz_dataset(path, info.num_classes, info.input_size, info.mean, info.std)
+    if path.is_dir():
+        return _folder_set(path, info)
+    if not path.exists():
+        raise DataError(f"data {spec!r} not found: expected a .npz file, cifar10, cifar100 "
+                        f"or an image folder")
+    raise DataError(f"data {spec!r}: expected a .npz file, cifar10, cifar100 or an image folder")

@@ -1,0 +1,27 @@
+"""The paper's quantizer (Eq. 1-2), fake-quantized layers and the ``quantize`` API."""
+
+from texq.quant.api import (
+    FULL_PRECISION,
+    QuantConfig,
+    act_quantizers,
+    calibrate,
+    check_bits,
+    quantizable_layers,
+    quantize,
+    set_observing,
+)
+from texq.quant.functional import (
+    dequantize_eq2,
+    fake_quantize,
+    quantize_eq1,
+    reference_fake_quantize,
+    scale_and_zero_point,
+)
+from texq.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+
+__all__ = [
+    "FULL_PRECISION", "QuantConfig", "act_quantizers", "calibrate", "check_bits",
+    "quantizable_layers", "quantize", "set_observing", "dequantize_eq2", "fake_quantize",
+    "quantize_eq1", "reference_fake_quantize", "scale_and_zero_point", "ActQuantizer",
+    "QuantConv2d", "QuantLinear", "WeightQuantizer",
+]
