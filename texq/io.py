@@ -41,12 +41,6 @@ def write_json(dest: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_torch(dest: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` to ``dest``, atomically."""
-    with atomic_path(dest) as tmp:
-        torch.save(obj, tmp)
-
-
 def load_torch(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU with one clear error for each failure."""
     path = Path(path)

@@ -9,7 +9,7 @@ image (the first layer). BatchNorm stays as it is unless ``fold_bn=True``.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -69,9 +69,6 @@ class QuantConfig:
         return (self.w_bits == FULL_PRECISION and self.a_bits == FULL_PRECISION
                 and self.first_layer_bits in (None, FULL_PRECISION)
                 and self.last_layer_bits in (None, FULL_PRECISION))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

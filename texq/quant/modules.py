@@ -107,6 +107,17 @@ class ActQuantizer(nn.Module):
                 f"range=[{float(self.x_min):.4g}, {float(self.x_max):.4g}]")
 
 
+def _adopt(q: nn.Module, layer: nn.Module, weight_quant: nn.Module,
+           act_quant: nn.Module | None) -> None:
+    """Copy ``layer``'s weight and bias into ``q`` and attach the quantizers."""
+    with torch.no_grad():
+        q.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            q.bias.copy_(layer.bias)
+    q.weight_quant = weight_quant
+    q.act_quant = act_quant if act_quant is not None else nn.Identity()
+
+
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weights and (optionally) input activation.
 
@@ -122,12 +133,7 @@ class QuantConv2d(nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                 device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                q.bias.copy_(conv.bias)
-        q.weight_quant = weight_quant
-        q.act_quant = act_quant if act_quant is not None else nn.Identity()
+        _adopt(q, conv, weight_quant, act_quant)
         return q
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,12 +151,7 @@ class QuantLinear(nn.Linear):
                    act_quant: nn.Module | None) -> "QuantLinear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                q.bias.copy_(linear.bias)
-        q.weight_quant = weight_quant
-        q.act_quant = act_quant if act_quant is not None else nn.Identity()
+        _adopt(q, linear, weight_quant, act_quant)
         return q
 
     def forward(self, x: Tensor) -> Tensor:
