@@ -19,20 +19,13 @@ from texq.errors import TexqError
 log = logging.getLogger("texq")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TexqError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def cmd_eval(args: argparse.Namespace) -> dict:
     from texq.data import gaussian_batches, load_eval_data
     from texq.eval import evaluate
     from texq.io import write_json
     from texq.models import create_model
     from texq.quant import FULL_PRECISION, QuantConfig, calibrate, quantize
+    from texq.run import resolve_device
 
     start = time.perf_counter()
     if args.checkpoint is None and not args.pretrained:
@@ -65,6 +58,34 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if args.out:
         write_json(args.out, out)
     return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """['finetune.alpha6=10', ...] -> {'finetune.alpha6': 10} (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TexqError(f"--set {item!r}: expected KEY=VALUE, e.g. finetune.alpha6=10")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    from texq.config import RunConfig, with_overrides
+    from texq.run import run
+
+    cfg = RunConfig.for_profile(
+        args.profile, model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+        data=args.data, train_data=args.train_data, method=args.method, w_bits=args.w_bits,
+        a_bits=args.a_bits, seed=args.seed, device=args.device, laws=not args.no_laws,
+        layered_bns=not args.no_layered_bns, mkd=not args.no_mkd)
+    cfg = with_overrides(cfg, parse_overrides(args.set or []))
+    log.info("texq run: %s W%dA%d %s, profile %s, seed %d -> %s", cfg.method, cfg.w_bits,
+             cfg.a_bits, cfg.model, cfg.profile, cfg.seed, args.out)
+    return run(cfg, args.out, progress=not args.no_progress)
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
@@ -102,6 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="also write the JSON result to this file (atomically)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("run", help="quantize a model with TexQ or a baseline, fine-tune, evaluate")
+    r.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10")
+    r.add_argument("--checkpoint", help="weights of the full-precision model")
+    r.add_argument("--pretrained", action="store_true", help="use the published weights")
+    r.add_argument("--data", required=True, help="evaluation set: .npz, cifar10, cifar100 or a folder")
+    r.add_argument("--train-data", help="real training images (method real only)")
+    r.add_argument("--method", choices=["texq", "gdfq", "zeroq", "real"], default="texq")
+    r.add_argument("--profile", choices=["paper", "quick", "tiny"], default="paper",
+                   help="paper: the full protocol (GPU); quick: minutes on a CPU; tiny: tests")
+    r.add_argument("--w-bits", type=int, default=4)
+    r.add_argument("--a-bits", type=int, default=4)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    r.add_argument("--out", required=True, help="run folder (a rerun with the same --out resumes)")
+    r.add_argument("--no-laws", action="store_true", help="ablation: drop L_LAWS^C (Table 3)")
+    r.add_argument("--no-layered-bns", action="store_true",
+                   help="ablation: plain BNS instead of L_L-BNS^C in step 1 (Table 3)")
+    r.add_argument("--no-mkd", action="store_true", help="ablation: plain KD instead of mixup KD")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set finetune.alpha6=10 (repeatable)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_run)
 
     m = sub.add_parser("models", help="list registered model names")
     m.set_defaults(func=cmd_models)

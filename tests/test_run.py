@@ -1,0 +1,166 @@
+"""texq.run / texq run end to end on the tiny profile: artifacts, resume, baselines, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from texq.artifacts import load_quantized
+from texq.cli import main
+from texq.config import RunConfig, flatten, with_overrides
+from texq.errors import ConfigError
+from texq.eval import evaluate
+from texq.run import run
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A random-init ResNet-8 checkpoint and a small labelled .npz standing in for data."""
+    root = tmp_path_factory.mktemp("tiny")
+    from texq.models import create_model
+
+    torch.manual_seed(0)
+    ckpt = root / "r8.pt"
+    torch.save(create_model("resnet8_cifar10").state_dict(), ckpt)
+    rng = np.random.default_rng(0)
+    data = root / "eval.npz"
+    np.savez(data, x=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y=np.arange(40) % 10)
+    train = root / "train.npz"
+    np.savez(train, x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y=np.arange(64) % 10)
+    return ckpt, data, train
+
+
+def tiny(tiny_setup, **kw) -> RunConfig:
+    ckpt, data, _ = tiny_setup
+    return RunConfig.for_profile("tiny", model="resnet8_cifar10", checkpoint=str(ckpt),
+                                 data=str(data), device="cpu", **kw)
+
+
+def test_texq_run_writes_every_artifact(tiny_setup, tmp_path):
+    metrics = run(tiny(tiny_setup), tmp_path, progress=False)
+    for name in ("config.json", "calibration.pt", "checkpoint.pt", "history.jsonl", "generator.pt",
+                 "qmodel.pt", "metrics.json"):
+        assert (tmp_path / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    for key in ("top1", "n", "method", "w_bits", "a_bits", "seed", "seconds", "fp_top1", "texture"):
+        assert key in metrics
+    assert metrics["n"] == 40 and metrics["method"] == "texq"
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    cfg = tiny(tiny_setup)
+    epochs = cfg.finetune.warmup_epochs + cfg.finetune.epochs
+    rows = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(epochs))
+    assert rows[0]["phase"] == "warmup" and "q_kd" in rows[-1]
+    # the saved quantized model reproduces the reported accuracy
+    from texq.data import load_eval_data
+
+    qmodel = load_quantized(tmp_path / "qmodel.pt")
+    res = evaluate(qmodel, load_eval_data(cfg.data, qmodel.texq_info), progress=False)
+    assert res.correct == metrics["correct"]
+    # a second run on the same folder returns the finished result without recomputing
+    mtime = (tmp_path / "qmodel.pt").stat().st_mtime_ns
+    assert run(cfg, tmp_path, progress=False) == metrics
+    assert (tmp_path / "qmodel.pt").stat().st_mtime_ns == mtime
+
+
+def test_rerun_with_other_config_is_refused(tiny_setup, tmp_path):
+    run(tiny(tiny_setup, method="zeroq"), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="another configuration"):
+        run(tiny(tiny_setup, method="zeroq", seed=1), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("method", ["gdfq", "zeroq", "real"])
+def test_baselines_run(tiny_setup, tmp_path, method):
+    extra = {"train_data": str(tiny_setup[2])} if method == "real" else {}
+    metrics = run(tiny(tiny_setup, method=method, **extra), tmp_path, progress=False)
+    assert metrics["method"] == method and metrics["n"] == 40
+    assert (tmp_path / "calibration.pt").exists() is False
+    assert (tmp_path / "generator.pt").exists() == (method == "gdfq")
+    if method == "zeroq":
+        assert (tmp_path / "distilled.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_same_seed_same_result_and_switches(tiny_setup, tmp_path):
+    a = run(tiny(tiny_setup), tmp_path / "a", progress=False)
+    b = run(tiny(tiny_setup), tmp_path / "b", progress=False)
+    assert a["correct"] == b["correct"]
+    qa = torch.load(tmp_path / "a" / "qmodel.pt", weights_only=True)["state_dict"]
+    qb = torch.load(tmp_path / "b" / "qmodel.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(qa[k], qb[k]) for k in qa)
+    c = run(tiny(tiny_setup, laws=False, layered_bns=False, mkd=False), tmp_path / "c", progress=False)
+    assert (c["laws"], c["layered_bns"], c["mkd"]) == (False, False, False)
+
+
+def test_overrides_and_flatten():
+    cfg = RunConfig.for_profile("quick", checkpoint="x.pt")
+    cfg2 = with_overrides(cfg, {"finetune.alpha6": 10.0, "w_bits": 3, "calibration.laws.k": 7})
+    flat = flatten(cfg2)
+    assert flat["finetune.alpha6"] == 10.0 and flat["w_bits"] == 3 and flat["calibration.laws.k"] == 7
+    assert flat["calibration.alpha1"] == 2.0 and flat["generator.alpha5"] == 1.8
+    with pytest.raises(ConfigError, match="unknown config key 'finetune.alpha7'"):
+        with_overrides(cfg, {"finetune.alpha7": 1})
+    with pytest.raises(ConfigError, match="method"):
+        RunConfig(method="intraq", checkpoint="x")
+    with pytest.raises(ConfigError, match="train_data"):
+        RunConfig(method="real", checkpoint="x")
+    paper = RunConfig.for_profile("paper", checkpoint="x")
+    assert (paper.finetune.warmup_epochs, paper.finetune.epochs, paper.finetune.batch_size) == (50, 450, 128)
+    assert RunConfig.for_profile("paper", model="resnet18", pretrained=True).finetune.batch_size == 16
+
+
+def test_cli_run_prints_json_last(tiny_setup, tmp_path, capsys):
+    ckpt, data, _ = tiny_setup
+    rc = main(["run", "--model", "resnet8_cifar10", "--checkpoint", str(ckpt), "--data", str(data),
+               "--profile", "tiny", "--method", "zeroq", "--w-bits", "3", "--a-bits", "3",
+               "--seed", "2", "--out", str(tmp_path / "r"), "--no-progress", "--device", "cpu",
+               "--set", "distill.iters=2"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    for key in ("top1", "n", "method", "w_bits", "a_bits", "seed", "seconds"):
+        assert key in res
+    assert (res["method"], res["w_bits"], res["a_bits"], res["seed"]) == ("zeroq", 3, 3, 2)
+    rc = main(["run", "--model", "resnet8_cifar10", "--checkpoint", str(ckpt), "--data", str(data),
+               "--out", str(tmp_path / "bad"), "--set", "finetune.nope=1"])
+    assert rc == 2 and "unknown config key" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_and_finishes_identically(tiny_setup, tmp_path):
+    """Kill a run during fine-tuning, rerun it with the same --out: it resumes from its last
+    completed epoch and ends exactly where an uninterrupted run ends."""
+    ckpt, data, _ = tiny_setup
+    argv = [sys.executable, "-m", "texq.cli", "run", "--model", "resnet8_cifar10", "--checkpoint",
+            str(ckpt), "--data", str(data), "--profile", "tiny", "--device", "cpu", "--no-progress",
+            "--set", "finetune.epochs=8", "--set", "finetune.iters_per_epoch=4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    whole = subprocess.run(argv + ["--out", str(tmp_path / "whole")], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(argv + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    resumed = subprocess.run(argv + ["--out", str(out)], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} after epoch {done}" in resumed.stderr
+    a = json.loads(whole.stdout.strip().splitlines()[-1])
+    b = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert a["correct"] == b["correct"] and a["top1"] == b["top1"]
+    qa = torch.load(tmp_path / "whole" / "qmodel.pt", weights_only=True)["state_dict"]
+    qb = torch.load(out / "qmodel.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(qa[k], qb[k]) for k in qa)

@@ -1,0 +1,65 @@
+"""Saved outputs of a run: the quantized model, the calibration set and its centers, the generator.
+
+Every file is written atomically and holds only tensors and plain metadata, so it loads with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, fields
+
+import torch
+from torch import nn
+
+from texq.bns import LayerStats
+from texq.calibration import CalibrationSet
+from texq.errors import CheckpointError
+from texq.io import atomic_path, load_torch
+from texq.models import create_model, get_info
+from texq.quant import QuantConfig, quantize
+
+FORMAT = "texq-quantized-v1"
+
+
+def save_torch(dest: str | os.PathLike, obj) -> None:
+    """``torch.save`` to ``dest``, atomically."""
+    with atomic_path(dest) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_quantized(dest: str | os.PathLike, qmodel: nn.Module, extra: dict | None = None) -> None:
+    """The fake-quantized model: its state dict (weights, BN, activation ranges) and how to rebuild it."""
+    info = get_info(qmodel)
+    cfg: QuantConfig = qmodel.texq_quant
+    save_torch(dest, {"format": FORMAT, "model": info.name, "quant": asdict(cfg),
+                      "state_dict": qmodel.state_dict(), "extra": extra or {}})
+
+
+def load_quantized(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by :func:`save_quantized` (eval mode, ranges frozen)."""
+    obj = load_torch(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a texq quantized model (format {FORMAT})")
+    known = {f.name for f in fields(QuantConfig)}
+    cfg = QuantConfig(**{k: v for k, v in obj["quant"].items() if k in known})
+    qmodel = quantize(create_model(obj["model"]), cfg)
+    missing, unexpected = qmodel.load_state_dict(obj["state_dict"], strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit {obj['model']}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return qmodel.eval()
+
+
+def save_calibration(dest: str | os.PathLike, calib: CalibrationSet) -> None:
+    save_torch(dest, {"images": calib.images.cpu(), "labels": calib.labels.cpu(),
+                      "center_mean": [c.mean.cpu() for c in calib.centers],
+                      "center_var": [c.var.cpu() for c in calib.centers],
+                      "history": calib.history})
+
+
+def load_calibration(path: str | os.PathLike) -> CalibrationSet:
+    obj = load_torch(path)
+    centers = [LayerStats(m, v) for m, v in zip(obj["center_mean"], obj["center_var"])]
+    return CalibrationSet(obj["images"], obj["labels"], centers, obj["history"])

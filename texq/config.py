@@ -1,0 +1,198 @@
+"""Typed configuration of a TexQ run: one dataclass per stage, and the profiles.
+
+Defaults are the paper's values (section 4.1 and 4.3) where it gives them; the rest follow the code
+the paper was built on (GDFQ / IntraQ / FDDA) -- see docs/interpretation.md. A profile changes
+schedules, batch sizes and learning rates (docs/interpretation.md, "Profiles"), never the losses
+or their weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+
+from texq.errors import ConfigError
+from texq.quant import QuantConfig, check_bits
+from texq.texture import LawsLossConfig, TextureConfig
+
+METHODS = ("texq", "gdfq", "zeroq", "real")
+PROFILES = ("paper", "quick", "tiny")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Step 1: one synthetic calibration image per class (Eq. 10), then the class centers."""
+
+    images_per_class: int = 1  # the paper synthesises one calibration image per class
+    iters: int = 1500  # the paper's maximum number of iterations
+    warmup_iters: int = 150  # first iterations at half lr and without L_LAWS (paper)
+    lr: float = 0.05  # constant learning rate of the images (paper), Adam
+    warmup_lr_factor: float = 0.5  # "half learning rate" during the warm-up (paper)
+    alpha1: float = 2.0  # weight of the layered BNS loss L_L-BNS^C (paper's grid search)
+    alpha2: float = 10.0  # weight of the cross-entropy L_CE^C (paper's grid search)
+    shallow_weight: float = 0.2  # w_l of Eq. 7 for l < ceil(L/2) - 2 (paper)
+    deep_weight: float = 1.1  # w_l of Eq. 7 for the deeper layers (paper)
+    laws: LawsLossConfig = field(default_factory=LawsLossConfig)  # Eq. 6 (k, theta_U, theta_L, eps)
+    texture: TextureConfig = field(default_factory=TextureConfig)  # how T is measured
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Step 2: GDFQ's generator trained with Eq. 12."""
+
+    latent_dim: int = 100  # GDFQ's noise size
+    lr: float = 1e-3  # Adam, initial learning rate (paper)
+    beta1: float = 0.5  # GDFQ's Adam betas
+    beta2: float = 0.999
+    lr_step_epochs: int = 100  # lr x0.1 every 100 epochs (paper)
+    lr_gamma: float = 0.1  # the x0.1 (paper)
+    alpha3: float = 0.4  # weight of the global BNS loss L_BNS^G (paper)
+    alpha4: float = 0.02  # weight of the layered center loss L_L-BNS^G, Eq. 8 (paper)
+    alpha5: float = 1.8  # weight of the distorted center loss L_D-BNS^G, Eq. 11 (paper)
+    nu_mu: float = 0.5  # std of the noise on center means, Eq. 11 (paper)
+    nu_sigma: float = 1.0  # std of the noise on center variances, Eq. 11 (paper)
+    shallow_weight: float = 0.0  # w_l of Eq. 8/11 for l < ceil(L/2) - 2 (paper)
+    deep_weight: float = 1.0  # w_l of Eq. 8/11 for the deeper layers (paper)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Step 3: the quantized model Q trained with Eq. 14 while G keeps learning."""
+
+    warmup_epochs: int = 50  # G alone first (paper)
+    epochs: int = 450  # then G and Q together (paper)
+    iters_per_epoch: int = 200  # not in the paper; its lineage's value
+    batch_size: int = 128  # generated samples per step: 128 CIFAR, 16 ImageNet (paper)
+    lr: float = 1e-4  # Q's SGD (nesterov, momentum 0.9) learning rate, CIFAR value of GDFQ/IntraQ
+    weight_decay: float = 1e-4  # GDFQ's
+    alpha6: float = 20.0  # weight of the distillation loss, Eq. 14 (paper)
+    kd_temperature: float = 20.0  # softmax temperature of the KL term (lineage: T = 20, x T^2)
+    mixup_p: float = 0.2  # probability that a sample is mixed, Eq. 9 (paper)
+    act_calib_epochs: int = 4  # activation ranges follow Q's inputs for these first epochs, then freeze
+    calib_per_batch: int = 16  # calibration images added to each batch (FDDA uses 16)
+    calib_augment: bool = True  # random resized crop + flip of calibration images (FDDA)
+    calib_crop_scale: tuple[float, float] = (0.5, 1.0)  # crop area range: IntraQ's 0.5 for 32x32
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """ZeroQ baseline: images distilled from noise with the BNS loss alone (Eq. 3)."""
+
+    num_images: int = 256  # distilled images (two of GDFQ's batches)
+    iters: int = 500  # ZeroQ's iterations
+    lr: float = 0.5  # ZeroQ's / IntraQ's Adam learning rate on images
+    batch_size: int = 128  # images optimised together
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; ``RunConfig.for_profile`` fills the stage configs."""
+
+    model: str = "resnet20_cifar10"  # registry name
+    checkpoint: str | None = None  # weights of the full-precision model
+    pretrained: bool = False  # or the published weights
+    data: str = "cifar10"  # evaluation set (test images: final score only)
+    train_data: str | None = None  # real training images, method 'real' only
+    method: str = "texq"  # texq | gdfq | zeroq | real
+    profile: str = "paper"  # paper | quick | tiny
+    w_bits: int = 4  # weight bits
+    a_bits: int = 4  # activation bits
+    seed: int = 0  # seeds every random draw of the run
+    device: str = "auto"  # auto | cpu | cuda
+    laws: bool = True  # Table 3 switch: L_LAWS^C in step 1
+    layered_bns: bool = True  # Table 3 switch: L_L-BNS^C (else the plain Eq. 3) in step 1
+    mkd: bool = True  # Table 3 switch: mixup knowledge distillation (else plain KD)
+    bns_norm: str = "mse"  # BNS distance: the lineage's mean square ('mse') or Eq. 3's L2 ('l2')
+    channels_last: bool = True  # NHWC memory layout for the convolutions: speed only, same maths
+    quant: QuantConfig = field(default_factory=QuantConfig)  # quantizer options; bits from above
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"profile={self.profile!r}: expected one of {', '.join(PROFILES)}")
+        if self.method == "real" and not self.train_data:
+            raise ConfigError("method 'real' needs train_data (real training images)")
+        if self.checkpoint is None and not self.pretrained:
+            raise ConfigError("give the model's weights: checkpoint=PATH or pretrained=True")
+        ft = self.finetune
+        if not 1 <= ft.act_calib_epochs <= max(1, ft.warmup_epochs):
+            raise ConfigError(f"finetune.act_calib_epochs={ft.act_calib_epochs}: expected 1.."
+                              f"{max(1, ft.warmup_epochs)} (ranges are observed during the warm-up, "
+                              f"then frozen before Q trains)")
+        if self.bns_norm not in ("mse", "l2"):
+            raise ConfigError(f"bns_norm={self.bns_norm!r}: expected 'mse' or 'l2'")
+        check_bits("w_bits", self.w_bits)
+        check_bits("a_bits", self.a_bits)
+        # the quantizer's bit widths are the run's (one source of truth for grids and logs)
+        object.__setattr__(self, "quant", replace(self.quant, w_bits=self.w_bits, a_bits=self.a_bits))
+
+    @classmethod
+    def for_profile(cls, profile: str = "paper", **kwargs) -> "RunConfig":
+        """A config whose stage settings are those of ``profile``; kwargs override top-level keys."""
+        if profile not in PROFILES:
+            raise ConfigError(f"profile={profile!r}: expected one of {', '.join(PROFILES)}")
+        stages = dict(PROFILE_STAGES[profile])
+        model = kwargs.get("model", cls.model)
+        if profile == "paper" and "cifar" not in model:
+            # the paper's ImageNet batch; the lineage's (FDDA) ImageNet learning rate of Q
+            stages["finetune"] = FinetuneConfig(batch_size=16, lr=1e-6)
+        return cls(profile=profile, **{**stages, **kwargs})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILE_STAGES: dict[str, dict] = {
+    "paper": {},
+    # finishes on a 2-core CPU in under 15 minutes for ResNet-20 (same losses, shorter schedules)
+    # (chosen on the JPEG dev set only; see docs/interpretation.md, "Profiles")
+    "quick": {
+        "calibration": CalibrationConfig(iters=500, warmup_iters=50),
+        "generator": GeneratorConfig(lr_step_epochs=10_000),
+        "finetune": FinetuneConfig(warmup_epochs=2, epochs=8, iters_per_epoch=100, batch_size=64,
+                                   act_calib_epochs=1, lr=1e-5),
+        "distill": DistillConfig(iters=200),
+    },
+    # seconds, for tests and pipeline checks: not for results
+    "tiny": {
+        "calibration": CalibrationConfig(iters=6, warmup_iters=2),
+        "generator": GeneratorConfig(),
+        "finetune": FinetuneConfig(warmup_epochs=1, epochs=2, iters_per_epoch=2, batch_size=16,
+                                   act_calib_epochs=1, calib_per_batch=4),
+        "distill": DistillConfig(num_images=16, iters=3, batch_size=16),
+    },
+}
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, object]:
+    """Nested dataclass -> {'finetune.alpha6': 20.0, ...} (for logs and experiment trackers)."""
+    out: dict[str, object] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def with_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
+    """Apply dotted-key overrides ({'finetune.alpha6': 10}) to a RunConfig, checking each key."""
+    for key, value in overrides.items():
+        cfg = _set(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _set(obj, path: list[str], value, full_key: str):
+    names = {f.name for f in fields(obj)}
+    if path[0] not in names:
+        raise ConfigError(f"unknown config key {full_key!r} (no {path[0]!r} in "
+                          f"{type(obj).__name__}: {', '.join(sorted(names))})")
+    if len(path) == 1:
+        return replace(obj, **{path[0]: value})
+    return replace(obj, **{path[0]: _set(getattr(obj, path[0]), path[1:], value, full_key)})

@@ -1,0 +1,41 @@
+"""ZeroQ's distilled data (the ``zeroq`` baseline): Gaussian noise optimised so that its BN
+statistics match the FP model's running statistics (Eq. 3 alone, no labels)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from texq.bns import BNStatsCollector, bns_loss
+from texq.config import DistillConfig
+from texq.models import get_info
+from texq.nn_utils import frozen
+
+
+def distill_images(model: nn.Module, cfg: DistillConfig, device: torch.device | str = "cpu",
+                   seed: int = 0, progress: bool = True, bns_norm: str = "mse") -> Tensor:
+    """``cfg.num_images`` BNS-distilled images in the model's normalised input space."""
+    info = get_info(model)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with frozen(model.to(device)), BNStatsCollector(model) as bns:
+        running = bns.running()
+        n_batches = -(-cfg.num_images // cfg.batch_size)
+        bar = tqdm(total=n_batches * cfg.iters, desc="zeroq: distilling images", disable=not progress)
+        for b in range(n_batches):
+            size = min(cfg.batch_size, cfg.num_images - b * cfg.batch_size)
+            x = torch.randn(size, 3, info.input_size, info.input_size, generator=gen).to(device)
+            x.requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=cfg.lr)
+            for _ in range(cfg.iters):
+                opt.zero_grad(set_to_none=True)
+                model(x)
+                loss = bns_loss(bns.collected(), running, norm=bns_norm)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(bns=f"{loss.item():.3f}")
+            out.append(x.detach())
+        bar.close()
+    return torch.cat(out)

@@ -1,0 +1,82 @@
+"""The conditional generator G(z | y) of GDFQ, which TexQ imports (section 4.1).
+
+CIFAR form: the label embedding multiplies the noise, a linear layer maps it to 128 x s/4 x s/4,
+then BN, two (upsample x2, 3x3 conv, BN, LeakyReLU 0.2) blocks, a 3x3 conv to the image channels,
+tanh, and a BatchNorm without affine parameters, so that the output batch has zero mean and unit
+variance per channel (the model's normalised input space). GDFQ's BNs inside the blocks are built
+as ``BatchNorm2d(c, 0.8)`` -- eps = 0.8 -- and texq keeps that.
+
+ImageNet form (GDFQ's ``Generator_imagenet``): no label embedding; the three inner BNs are
+class-conditional (affine-free BN, then a per-class scale and shift).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+GDFQ_BN_EPS = 0.8  # GDFQ passes 0.8 as BatchNorm2d's second positional argument, eps
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without affine parameters, then a per-class scale (init 1) and shift (init 0)."""
+
+    def __init__(self, num_classes: int, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=eps, affine=False)
+        self.weight = nn.Embedding(num_classes, channels)
+        self.bias = nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.weight.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        out = self.bn(x)
+        return out * self.weight(labels)[:, :, None, None] + self.bias(labels)[:, :, None, None]
+
+
+class Generator(nn.Module):
+    """G(z | y): (N, latent_dim) noise and (N,) labels -> (N, channels, img_size, img_size)."""
+
+    def __init__(self, num_classes: int, img_size: int = 32, latent_dim: int = 100,
+                 channels: int = 3, conditional_bn: bool = False, width: int = 128):
+        super().__init__()
+        if img_size % 4:
+            raise ValueError(f"img_size must be a multiple of 4, got {img_size}")
+        self.num_classes, self.latent_dim, self.conditional_bn = num_classes, latent_dim, conditional_bn
+        self.init_size = img_size // 4
+        self.width = width
+        self.label_emb = None if conditional_bn else nn.Embedding(num_classes, latent_dim)
+        self.l1 = nn.Linear(latent_dim, width * self.init_size ** 2)
+        if conditional_bn:
+            self.bn0 = ConditionalBatchNorm2d(num_classes, width)
+            self.bn1 = ConditionalBatchNorm2d(num_classes, width, GDFQ_BN_EPS)
+            self.bn2 = ConditionalBatchNorm2d(num_classes, width // 2, GDFQ_BN_EPS)
+        else:
+            self.bn0 = nn.BatchNorm2d(width)
+            self.bn1 = nn.BatchNorm2d(width, eps=GDFQ_BN_EPS)
+            self.bn2 = nn.BatchNorm2d(width // 2, eps=GDFQ_BN_EPS)
+        self.conv1 = nn.Conv2d(width, width, 3, 1, 1)
+        self.conv2 = nn.Conv2d(width, width // 2, 3, 1, 1)
+        self.conv3 = nn.Conv2d(width // 2, channels, 3, 1, 1)
+        self.out_bn = nn.BatchNorm2d(channels, affine=False)
+
+    def _bn(self, bn: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+        return bn(x, labels) if self.conditional_bn else bn(x)
+
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        h = z if self.label_emb is None else self.label_emb(labels) * z
+        h = self.l1(h).view(z.shape[0], self.width, self.init_size, self.init_size)
+        h = self._bn(self.bn0, h, labels)
+        h = F.interpolate(h, scale_factor=2)
+        h = F.leaky_relu(self._bn(self.bn1, self.conv1(h), labels), 0.2)
+        h = F.interpolate(h, scale_factor=2)
+        h = F.leaky_relu(self._bn(self.bn2, self.conv2(h), labels), 0.2)
+        return self.out_bn(torch.tanh(self.conv3(h)))
+
+    def sample(self, n: int, device: torch.device | str = "cpu",
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Uniform random labels and their images."""
+        z = torch.randn(n, self.latent_dim, generator=generator).to(device)
+        labels = torch.randint(0, self.num_classes, (n,), generator=generator).to(device)
+        return self(z, labels), labels

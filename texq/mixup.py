@@ -1,0 +1,21 @@
+"""Mixup of samples only (Eq. 9): labels are never mixed, the mixed samples feed distillation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def mixup_samples(x: Tensor, p: float, generator: torch.Generator | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """Eq. 9: with probability ``p`` sample i becomes ``lam * x_i + (1 - lam) * x_j`` with
+    ``lam ~ U(0, 1)`` and j a random sample of the batch; otherwise it stays ``x_i``.
+
+    Returns the mixed batch and the boolean mask of the samples that were mixed.
+    """
+    n = x.shape[0]
+    mixed = torch.rand(n, generator=generator).to(x.device) < p
+    partner = torch.randint(0, n, (n,), generator=generator).to(x.device)
+    lam = torch.rand(n, generator=generator).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    blend = lam * x + (1 - lam) * x[partner]
+    return torch.where(mixed.view(-1, *([1] * (x.dim() - 1))), blend, x), mixed
