@@ -24,6 +24,7 @@ from texq.artifacts import load_quantized
 from texq.config import RunConfig
 from texq.data import load_eval_data
 from texq.eval import evaluate
+from texq.io import write_json
 from texq.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def main() -> None:
             if not dev_file.exists():
                 qmodel = load_quantized(folder / "qmodel.pt")
                 dev_data = dev_data or load_eval_data(dev, qmodel.texq_info)
-                dev_file.write_text(json.dumps(evaluate(qmodel, dev_data, progress=False).to_dict()))
+                write_json(dev_file, evaluate(qmodel, dev_data, progress=False).to_dict())
             m["dev_top1"] = json.loads(dev_file.read_text())["top1"]
             results.setdefault((label, bits), []).append(m)
             print(f"   top1 {m['top1']:.2f} (dev {m['dev_top1']:.2f}), {m['seconds']:.0f} s", flush=True)

@@ -28,7 +28,7 @@ from texq.config import CalibrationConfig, DistillConfig
 from texq.distill import distill_images
 from texq.generator import Generator
 from texq.models import create_model
-from texq.texture import TextureConfig, dominant_count, dominant_set, texture_energy
+from texq.texture import LawsLossConfig, TextureConfig, dominant_count, dominant_set, laws_loss, texture_energy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,10 @@ def summary(t: torch.Tensor) -> dict:
     return {"n": len(t), "dominant_median": float(counts.float().median()),
             "hist": np.bincount(counts.numpy(), minlength=17)[1:].tolist(),
             "k_max": round(float(top[:, 0].mean()), 3),
-            "k_rest": round(float((top.sum(1) - top[:, 0]).mean()), 3)}
+            "k_rest": round(float((top.sum(1) - top[:, 0]).mean()), 3),
+            # share of images that L_LAWS (Eq. 6) leaves alone: both terms within their bounds
+            "inside_bounds": round(float((laws_loss(t, LawsLossConfig()) == 0).float().mean()), 3),
+            "laws_mean": round(float(laws_loss(t, LawsLossConfig()).mean()), 4)}  # mean excess over the bounds
 
 
 def main() -> None:
@@ -47,6 +50,7 @@ def main() -> None:
     p.add_argument("--assets", default=os.environ.get("TEXQ_ASSETS", str(ROOT.parent / "shared" / "assets")))
     p.add_argument("--calib-iters", type=int, default=1500)
     p.add_argument("--distill-iters", type=int, default=500)
+    p.add_argument("--images-per-class", type=int, default=4)
     p.add_argument("--run", help="a texq run folder whose generator.pt to sample")
     args = p.parse_args()
     start = time.perf_counter()
@@ -62,7 +66,8 @@ def main() -> None:
                               progress=False)
     sets["BNS-only synthetic (ZeroQ)"] = texture_energy(bns_only, cfg, info.mean, info.std)
     for laws in (False, True):
-        calib = synthesize(model, CalibrationConfig(iters=args.calib_iters, images_per_class=4),
+        ccfg = CalibrationConfig(iters=args.calib_iters, images_per_class=args.images_per_class)
+        calib = synthesize(model, ccfg,
                            use_laws=laws, progress=False)
         name = "TexQ calibration images" + ("" if laws else " without L_LAWS")
         sets[name] = texture_energy(calib.images, cfg, info.mean, info.std)
@@ -73,10 +78,10 @@ def main() -> None:
             x, _ = g.eval().sample(256)
         sets["TexQ generator samples"] = texture_energy(x, cfg, info.mean, info.std)
     rows = {name: summary(t.detach()) for name, t in sets.items()}
-    print("| images | n | dominant elements: median | histogram (1..16) | mean K_max | mean rest of K |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| images | n | dominant elements: median | histogram (1..16) | mean K_max | mean rest of K | inside L_LAWS bounds | mean L_LAWS |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
-        print(f"| {name} | {r['n']} | {r['dominant_median']:.0f} | {r['hist']} | {r['k_max']:.3f} | {r['k_rest']:.3f} |")
+        print(f"| {name} | {r['n']} | {r['dominant_median']:.0f} | {r['hist']} | {r['k_max']:.3f} | {r['k_rest']:.3f} | {100 * r['inside_bounds']:.0f}% | {r['laws_mean']:.4f} |")
     print(f"(L_LAWS targets: K_max 0.3 +- 0.015, rest 0.5 +- 0.015; {time.perf_counter() - start:.0f} s)")
     print(json.dumps({"bench": "texture_stats", "rows": rows}))
 

@@ -73,6 +73,10 @@ def test_kd_loss_against_its_definition():
     temp = 20.0
     ps, pt = (s.double() / temp).softmax(1), (t.double() / temp).softmax(1)
     expected = (pt * (pt.log() - ps.log())).sum(1).mean() * temp * temp  # in float64
-    assert kd_loss(s, t, temp).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert kd_loss(s, t, temp, "batchmean").item() == pytest.approx(expected.item(), rel=1e-4)
+    # the lineage's nn.KLDivLoss() default: the element-wise terms averaged over batch x classes
+    assert kd_loss(s, t, temp).item() == pytest.approx(expected.item() / 10, rel=1e-4)
     assert kd_loss(t, t, temp).item() == pytest.approx(0.0, abs=1e-4)  # float32 x T^2
     assert kd_loss(s, t, 1.0).item() > 0
+    with pytest.raises(ValueError, match="sum"):
+        kd_loss(s, t, temp, "sum")

@@ -111,7 +111,16 @@ def test_overrides_and_flatten():
         RunConfig(method="intraq", checkpoint="x")
     with pytest.raises(ConfigError, match="train_data"):
         RunConfig(method="real", checkpoint="x")
+    with pytest.raises(ConfigError, match="act_calib_epochs"):
+        with_overrides(cfg, {"finetune.warmup_epochs": 0})
+    with pytest.raises(ConfigError, match="kd_reduction"):
+        with_overrides(cfg, {"finetune.kd_reduction": "sum"})
+    with pytest.raises(ConfigError, match="evaluation images"):
+        RunConfig(method="real", checkpoint="x", data="a/../e.npz", train_data="e.npz")
+    # a named set's training split is another set of images than its test split
+    assert RunConfig(method="real", checkpoint="x", data="cifar10", train_data="cifar10").train_data
     paper = RunConfig.for_profile("paper", checkpoint="x")
+    assert paper.finetune.kd_reduction == "mean" and cfg.finetune.kd_reduction == "batchmean"
     assert (paper.finetune.warmup_epochs, paper.finetune.epochs, paper.finetune.batch_size) == (50, 450, 128)
     assert RunConfig.for_profile("paper", model="resnet18", pretrained=True).finetune.batch_size == 16
 

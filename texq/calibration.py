@@ -55,40 +55,63 @@ def synthesize(model: nn.Module, cfg: CalibrationConfig, use_laws: bool = True,
     """Optimise the calibration images of every class and extract their centers.
 
     ``layered_bns=False`` (Table 3 ablation) aligns with the plain Eq. 3 (every w_l = 1).
+    ``cfg.classes_per_step`` > 0 optimises the classes in chunks (for large models and many
+    classes): each chunk's loss is scaled by its share of the classes, so every image receives
+    the gradient it gets in the one-batch optimisation.
     """
     info = get_info(model)
     k, n = info.num_classes, cfg.images_per_class
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(k * n, 3, info.input_size, info.input_size, generator=gen).to(device)
-    x.requires_grad_(True)
-    labels = torch.arange(k, device=device).repeat_interleave(n)
-    opt = torch.optim.Adam([x], lr=cfg.lr * cfg.warmup_lr_factor)  # warm-up: half lr (paper)
-    history: list[dict] = []
+    x0 = torch.randn(k * n, 3, info.input_size, info.input_size, generator=gen)
+    labels = torch.arange(k).repeat_interleave(n)
+    chunk = cfg.classes_per_step if cfg.classes_per_step > 0 else k
+    images, centers, history = [], [], []
     with frozen(model.to(device)), BNStatsCollector(model) as bns:
-        bns.groups = labels
         weights = (layer_weights(len(bns.layers), cfg.shallow_weight, cfg.deep_weight)
                    if layered_bns else None)
         running = bns.running()
-        bar = tqdm(range(cfg.iters), desc="step 1: calibration images", disable=not progress)
-        for it in bar:
-            if it == cfg.warmup_iters:
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr
-            opt.zero_grad(set_to_none=True)
-            logits = model(x)
-            stats = [g.of_groups() for g in bns.collected()]
-            loss, terms = calibration_loss(x, logits, labels, stats, running, weights, cfg,
-                                           info.mean, info.std,
-                                           use_laws=use_laws and it >= cfg.warmup_iters,
-                                           bns_norm=bns_norm)
-            loss.backward()
-            opt.step()
-            if it % 50 == 0 or it == cfg.iters - 1:
-                history.append({"iter": it, "loss": loss.item(), **terms})
-                bar.set_postfix({t: f"{v:.3f}" for t, v in terms.items()})
-        images = x.detach()
-        centers = class_centers(model, bns, images, labels)
-    return CalibrationSet(images, labels, centers, history)
+        bar = tqdm(total=cfg.iters * -(-k // chunk), desc="step 1: calibration images",
+                   disable=not progress)
+        for first in range(0, k, chunk):
+            sel = (labels >= first) & (labels < first + chunk)
+            x, y = x0[sel].to(device), labels[sel].to(device)
+            share = len(y.unique()) / k
+            x, hist = _optimise(model, bns, x, y, share, weights, running, cfg, info, use_laws,
+                                bns_norm, bar)
+            history += [{"classes_from": first, **h} if chunk < k else h for h in hist]
+            images.append(x)
+            centers.append(class_centers(model, bns, x, y))
+        bar.close()
+    centers = [LayerStats(torch.cat([c[i].mean for c in centers]), torch.cat([c[i].var for c in centers]))
+               for i in range(len(centers[0]))]
+    return CalibrationSet(torch.cat(images), labels.to(device), centers, history)
+
+
+def _optimise(model, bns, x, labels, share, weights, running, cfg, info, use_laws, bns_norm,
+              bar) -> tuple[Tensor, list[dict]]:
+    """Adam on the images ``x`` of the classes in ``labels``; the loss is scaled by ``share``."""
+    x = x.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr * cfg.warmup_lr_factor)  # warm-up: half lr (paper)
+    history: list[dict] = []
+    bns.groups = labels
+    for it in range(cfg.iters):
+        if it == cfg.warmup_iters:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        stats = [g.of_groups() for g in bns.collected()]
+        loss, terms = calibration_loss(x, logits, labels, stats, running, weights, cfg,
+                                       info.mean, info.std,
+                                       use_laws=use_laws and it >= cfg.warmup_iters,
+                                       bns_norm=bns_norm)
+        (loss * share).backward()
+        opt.step()
+        bar.update()
+        if it % 50 == 0 or it == cfg.iters - 1:
+            history.append({"iter": it, "loss": loss.item(), **terms})
+            bar.set_postfix({t: f"{v:.3f}" for t, v in terms.items()})
+    return x.detach(), history
 
 
 @torch.no_grad()
@@ -98,8 +121,9 @@ def class_centers(model: nn.Module, bns: BNStatsCollector, images: Tensor, label
     bns.groups = labels
     model(images)
     out = []
+    present = labels.unique()
     for g in bns.collected():
-        if len(g.ids) != int(labels.max()) + 1:
+        if len(g.ids) != len(present):
             raise ValueError("every class needs at least one calibration image")
         out.append(LayerStats(g.mean.detach().clone(), g.var.detach().clone()))
     return out

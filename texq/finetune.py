@@ -24,11 +24,24 @@ from texq.mixup import mixup_samples
 from texq.quant import set_observing
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """KL(teacher || student) on temperature-softened outputs, batch mean, times T^2 (lineage)."""
+KD_REDUCTIONS = ("mean", "batchmean")
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+            reduction: str = "mean") -> Tensor:
+    """KL(teacher || student) on temperature-softened outputs times T^2.
+
+    ``reduction='mean'`` averages the element-wise KL terms over batch x classes (the lineage's
+    ``nn.KLDivLoss()`` default), ``'batchmean'`` sums over classes and averages over the batch
+    (the KL divergence proper: ``num_classes`` times larger)."""
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"kd reduction {reduction!r}: expected one of {KD_REDUCTIONS}")
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean") * (t * t)
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean")  # torch's 'mean' is to change meaning: divide explicitly
+    if reduction == "mean":
+        kl = kl / student_logits.shape[1]
+    return kl * (t * t)
 
 
 def augment(images: Tensor, scale: tuple[float, float] = (0.5, 1.0)) -> Tensor:
@@ -152,7 +165,7 @@ class Finetuner:
         student_mix, teacher_mix = out[:n].clone(), teacher[:n].clone()
         student_mix[mixed], teacher_mix[mixed] = out[n:], teacher[n:]
         l_ce = F.cross_entropy(out[:n], y)
-        l_kd = kd_loss(student_mix, teacher_mix, self.fcfg.kd_temperature)
+        l_kd = kd_loss(student_mix, teacher_mix, self.fcfg.kd_temperature, self.fcfg.kd_reduction)
         loss = l_ce + self.fcfg.alpha6 * l_kd
         self.opt_q.zero_grad(set_to_none=True)
         loss.backward()

@@ -84,7 +84,7 @@ def _real_batches(cfg: RunConfig, info, batch_size: int):
     flip), drawn from torch's global RNG so that a resumed run draws the same batches."""
     from torchvision.transforms import v2
 
-    data = load_eval_data(cfg.train_data, info)  # same loading and validation as test data
+    data = load_eval_data(cfg.train_data, info, train=True)  # cifar10/100: the training split
     size = info.input_size
     tf = v2.Compose([v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()])
     while True:
@@ -149,8 +149,11 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
         if sources.generator is not None:
             save_torch(out / "generator.pt", sources.generator.state_dict())
             with torch.no_grad():  # training-mode BN: the distribution Q was trained on
-                samples, _ = sources.generator.train().sample(256, device)
-            extra["texture_generated"] = texture_summary(samples.cpu(), cfg, info)
+                g = sources.generator.train()
+                bs = cfg.finetune.batch_size  # batches of the training size: memory as in training
+                samples = torch.cat([g.sample(min(bs, 256 - i), device)[0].cpu()
+                                     for i in range(0, 256, bs)])
+            extra["texture_generated"] = texture_summary(samples, cfg, info)
 
     result = evaluate(qmodel, eval_data, device=device, progress=progress)
     fp_result = evaluate(fp_model, eval_data, device=device, progress=progress)

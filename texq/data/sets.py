@@ -36,7 +36,8 @@ def eval_transform(info: ModelInfo):
     return T.Compose([*resize, T.ToTensor(), T.Normalize(info.mean, info.std)])
 
 
-def _torchvision_set(name: str, info: ModelInfo, root: Path, download: bool) -> Dataset:
+def _torchvision_set(name: str, info: ModelInfo, root: Path, download: bool,
+                     train: bool = False) -> Dataset:
     from torchvision import datasets
 
     classes = TORCHVISION_SETS[name]
@@ -44,9 +45,10 @@ def _torchvision_set(name: str, info: ModelInfo, root: Path, download: bool) -> 
         raise DataError(f"data {name} has {classes} classes, model {info.name} has {info.num_classes}")
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     try:
-        return cls(str(root), train=False, transform=eval_transform(info), download=download)
+        return cls(str(root), train=train, transform=eval_transform(info), download=download)
     except (RuntimeError, OSError) as exc:  # not found / corrupt / no internet
-        raise DataError(f"{name} test set not available under {root} ({exc}); on a machine "
+        split = "training" if train else "test"
+        raise DataError(f"{name} {split} set not available under {root} ({exc}); on a machine "
                         f"without internet copy it there or set TEXQ_DATA") from exc
 
 
@@ -64,10 +66,13 @@ def _folder_set(path: Path, info: ModelInfo) -> Dataset:
     return ds
 
 
-def load_eval_data(spec: str, info: ModelInfo, download: bool = True) -> Dataset:
-    """The evaluation set named by ``spec``, normalised for the model described by ``info``."""
+def load_eval_data(spec: str, info: ModelInfo, download: bool = True, train: bool = False) -> Dataset:
+    """The evaluation set named by ``spec``, normalised for the model described by ``info``.
+
+    ``train=True`` selects the training split of a named torchvision set (``cifar10``,
+    ``cifar100``); a file or folder is read as it is."""
     if spec in TORCHVISION_SETS:
-        return _torchvision_set(spec, info, data_root(), download)
+        return _torchvision_set(spec, info, data_root(), download, train)
     path = Path(spec)
     if path.suffix == ".npz":
         return npz_dataset(path, info.num_classes, info.input_size, info.mean, info.std)
