@@ -85,6 +85,12 @@ def test_evaluate_counts_exactly():
     assert res.top1 == pytest.approx(100 * 66 / 99)
     d = res.to_dict()
     assert d["correct"] == 66 and d["n"] == 99 and len(d["top1_ci95"]) == 2
+    # per label, counted by hand: every third sample (indices 0, 3, ..., 96) is wrong
+    wrong = torch.zeros(10, dtype=torch.long).index_add_(0, labels[::3], torch.ones(33, dtype=torch.long))
+    n_per = torch.bincount(labels, minlength=10)
+    assert res.class_n == tuple(n_per.tolist()) and sum(res.class_correct) == 66
+    assert res.class_correct == tuple((n_per - wrong).tolist())
+    assert res.per_class_top1()[0] == pytest.approx(100 * (n_per[0] - wrong[0]).item() / n_per[0].item())
 
 
 def test_eval_result_properties():

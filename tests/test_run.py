@@ -122,7 +122,9 @@ def test_overrides_and_flatten():
     paper = RunConfig.for_profile("paper", checkpoint="x")
     assert paper.finetune.kd_reduction == "mean" and cfg.finetune.kd_reduction == "batchmean"
     assert (paper.finetune.warmup_epochs, paper.finetune.epochs, paper.finetune.batch_size) == (50, 450, 128)
-    assert RunConfig.for_profile("paper", model="resnet18", pretrained=True).finetune.batch_size == 16
+    imagenet = RunConfig.for_profile("paper", model="resnet18", pretrained=True)
+    assert imagenet.finetune.batch_size == 16 and imagenet.calibration.classes_per_step == 100
+    assert paper.calibration.classes_per_step == 0
 
 
 def test_cli_run_prints_json_last(tiny_setup, tmp_path, capsys):
@@ -166,7 +168,7 @@ def test_killed_run_resumes_and_finishes_identically(tiny_setup, tmp_path):
     resumed = subprocess.run(argv + ["--out", str(out)], capture_output=True, text=True, env=env,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {out} after epoch {done}" in resumed.stderr
+    assert f"resuming from {out / 'checkpoint.pt'} after epoch {done}" in resumed.stderr
     a = json.loads(whole.stdout.strip().splitlines()[-1])
     b = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert a["correct"] == b["correct"] and a["top1"] == b["top1"]

@@ -88,6 +88,27 @@ def cmd_run(args: argparse.Namespace) -> dict:
     return run(cfg, args.out, progress=not args.no_progress)
 
 
+def cmd_stage(args: argparse.Namespace) -> dict:
+    from texq.pipeline import run_stage
+
+    return run_stage(args.name, args.params, args.out, args.device, progress=not args.no_progress)
+
+
+def cmd_compare(args: argparse.Namespace) -> dict:
+    # the tracking side lives in flows/ (texq's library never imports mlflow)
+    try:
+        from flows.compare import compare
+    except ImportError as exc:
+        raise TexqError(f"texq compare needs the pipeline extra (pip install -e '.[pipeline]'): {exc}")
+    try:
+        table, md = compare(args.experiment, args.out, tuple(args.by or ()))
+    except LookupError as exc:
+        raise TexqError(str(exc)) from exc
+    print(md)
+    rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+    return {"command": "compare", "experiment": args.experiment, "rows": len(table), "table": rows}
+
+
 def cmd_models(args: argparse.Namespace) -> dict:
     from texq.models import list_models, model_info
 
@@ -146,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key, e.g. --set finetune.alpha6=10 (repeatable)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("stage", help="run one pipeline stage from params.yaml (dvc.yaml calls this)")
+    st.add_argument("name", choices=["teacher", "calibrate", "train", "evaluate"])
+    st.add_argument("--params", default="params.yaml", help="the pipeline's parameters file")
+    st.add_argument("--out", default="out/pipeline", help="folder of the stages' outputs")
+    st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    st.add_argument("--no-progress", action="store_true")
+    st.set_defaults(func=cmd_stage)
+
+    c = sub.add_parser("compare", help="MLflow runs as a table: method x bits x switches -> top-1")
+    c.add_argument("--experiment", default="texq", help="MLflow experiment (MLFLOW_TRACKING_URI)")
+    c.add_argument("--out", help="also write compare.csv and compare.md into this folder")
+    c.add_argument("--by", nargs="+", metavar="PARAM", help="more params to group by, e.g. alpha6")
+    c.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("models", help="list registered model names")
     m.set_defaults(func=cmd_models)

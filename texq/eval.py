@@ -29,6 +29,8 @@ class EvalResult:
     correct: int  # images whose top-1 prediction is the label
     correct5: int  # images whose label is among the top-5 predictions
     n: int  # images evaluated
+    class_correct: tuple[int, ...] = ()  # per label: images of that label classified correctly
+    class_n: tuple[int, ...] = ()  # per label: images of that label
 
     @property
     def top1(self) -> float:
@@ -42,6 +44,10 @@ class EvalResult:
     def top1_ci95(self) -> tuple[float, float]:
         lo, hi = wilson_interval(self.correct, self.n)
         return 100.0 * lo, 100.0 * hi
+
+    def per_class_top1(self) -> list[float | None]:
+        """Top-1 in percent of each label 0..K-1 (None where the data holds none of it)."""
+        return [round(100.0 * c / m, 4) if m else None for c, m in zip(self.class_correct, self.class_n)]
 
     def to_dict(self) -> dict:
         lo, hi = self.top1_ci95
@@ -69,11 +75,17 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256
     was_training = model.training
     model.eval()
     correct = correct5 = n = 0
+    per_class = None  # (2, K): images of each label, and those classified correctly
     bar = tqdm(loader, desc="eval", disable=not progress, leave=False, unit="batch")
     try:
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             logits = model(x)
+            k, labels = logits.shape[1], y.cpu()
+            if per_class is None:
+                per_class = torch.zeros(2, k, dtype=torch.long)
+            per_class[0] += torch.bincount(labels, minlength=k)
+            per_class[1] += torch.bincount(labels[(logits.argmax(dim=1) == y).cpu()], minlength=k)
             correct += topk_correct(logits, y, 1)
             correct5 += topk_correct(logits, y, 5)
             n += len(y)
@@ -82,4 +94,4 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256
         model.train(was_training)
     if n == 0:
         raise ValueError("evaluation data is empty")
-    return EvalResult(correct, correct5, n)
+    return EvalResult(correct, correct5, n, tuple(per_class[1].tolist()), tuple(per_class[0].tolist()))

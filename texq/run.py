@@ -97,79 +97,115 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
     """Run ``cfg`` writing into ``out``; resumes from what ``out`` already holds."""
     start = time.perf_counter()
     out = Path(out)
-    device = resolve_device(cfg.device)
     fp_model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
-    info = fp_model.texq_info
-    eval_data = load_eval_data(cfg.data, info)  # fail on bad data before the long work
+    eval_data = load_eval_data(cfg.data, fp_model.texq_info)  # fail on bad data before the long work
     _prepare_out(out, cfg)
     if (out / "metrics.json").exists():
         log.info("%s already holds a finished run", out)
         return json.loads((out / "metrics.json").read_text())
-    torch.manual_seed(cfg.seed)
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    fp_model = fp_model.to(device, memory_format=layout)
-    qmodel = quantize(fp_model, cfg.quant)
-    extra: dict = {}
-    prior_seconds = 0.0
-
-    if cfg.method == "zeroq":
-        path = out / "distilled.pt"
-        if path.exists():
-            images = load_torch(path)["images"]
-        else:
-            images = distill_images(fp_model, cfg.distill, device, cfg.seed, progress, cfg.bns_norm)
-            save_torch(path, {"images": images.cpu()})
-        calibrate(qmodel, images.to(device).split(cfg.distill.batch_size), device=device)
-        extra["texture"] = texture_summary(images.cpu(), cfg, info)
-    else:
-        sources = Sources()
-        gcfg = cfg.generator
-        if cfg.method == "texq":
-            path = out / "calibration.pt"
-            if path.exists():
-                calib = load_calibration(path)
-            else:
-                calib = synthesize(fp_model, cfg.calibration, cfg.laws, cfg.layered_bns, device,
-                                   cfg.seed, progress, cfg.bns_norm)
-                save_calibration(path, calib)
-            sources.calib_images, sources.calib_labels = calib.images.to(device), calib.labels.to(device)
-            sources.centers = [type(c)(c.mean.to(device), c.var.to(device)) for c in calib.centers]
-            extra["texture"] = texture_summary(calib.images, cfg, info)
-        elif cfg.method == "gdfq":
-            gcfg = replace(gcfg, alpha3=0.1, alpha4=0.0, alpha5=0.0)  # GDFQ: CE + 0.1 * BNS
-        if cfg.method == "real":
-            sources.real = _real_batches(cfg, info, cfg.finetune.batch_size)
-        else:
-            sources.generator = Generator(info.num_classes, info.input_size, gcfg.latent_dim,
-                                          conditional_bn=info.dataset == "imagenet"
-                                          ).to(device, memory_format=layout)
-        mkd = cfg.mkd and cfg.method != "gdfq"
-        tuner = Finetuner(fp_model, qmodel, sources, gcfg, cfg.finetune, mkd, device, cfg.bns_norm)
-        prior_seconds = _train(tuner, cfg, out, progress)
-        if sources.generator is not None:
-            save_torch(out / "generator.pt", sources.generator.state_dict())
-            with torch.no_grad():  # training-mode BN: the distribution Q was trained on
-                g = sources.generator.train()
-                bs = cfg.finetune.batch_size  # batches of the training size: memory as in training
-                samples = torch.cat([g.sample(min(bs, 256 - i), device)[0].cpu()
-                                     for i in range(0, 256, bs)])
-            extra["texture_generated"] = texture_summary(samples, cfg, info)
-
-    result = evaluate(qmodel, eval_data, device=device, progress=progress)
-    fp_result = evaluate(fp_model, eval_data, device=device, progress=progress)
+    pre = out / ("distilled.pt" if cfg.method == "zeroq" else "calibration.pt")
+    if cfg.method in ("texq", "zeroq") and not pre.exists():
+        synthesize_stage(cfg, fp_model, pre, progress)
+    qmodel, generator, prior = train_stage(cfg, fp_model, pre, out, out, progress)
     save_quantized(out / "qmodel.pt", qmodel, {"method": cfg.method, "seed": cfg.seed})
-    metrics = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "profile": cfg.profile,
-               "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "seed": cfg.seed,
-               "laws": cfg.laws, "layered_bns": cfg.layered_bns, "mkd": cfg.mkd,
-               **result.to_dict(), "fp_top1": round(fp_result.top1, 4), "device": str(device),
-               "seconds": round(prior_seconds + time.perf_counter() - start, 1), **extra}
+    metrics = evaluate_stage(cfg, fp_model, qmodel, eval_data, progress)
+    metrics.update(texture_report(cfg, fp_model.texq_info, pre, generator))
+    metrics["seconds"] = round(prior + time.perf_counter() - start, 1)
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def _train(tuner: Finetuner, cfg: RunConfig, out: Path, progress: bool) -> float:
+def synthesize_stage(cfg: RunConfig, fp_model, dest: Path, progress: bool = True) -> None:
+    """Step 1 (``texq``: calibration images and centers) or ZeroQ's distilled images -> ``dest``.
+    Every random draw comes from a generator seeded with ``cfg.seed`` (the global RNG is untouched)."""
+    device = resolve_device(cfg.device)
+    fp_model = fp_model.to(device, memory_format=_layout(cfg))
+    if cfg.method == "zeroq":
+        images = distill_images(fp_model, cfg.distill, device, cfg.seed, progress, cfg.bns_norm)
+        save_torch(dest, {"images": images.cpu()})
+    elif cfg.method == "texq":
+        calib = synthesize(fp_model, cfg.calibration, cfg.laws, cfg.layered_bns, device,
+                           cfg.seed, progress, cfg.bns_norm)
+        save_calibration(dest, calib)
+    else:
+        raise ConfigError(f"method {cfg.method!r} has no step 1: no calibration set to synthesize")
+
+
+def _layout(cfg: RunConfig):
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def train_stage(cfg: RunConfig, fp_model, pre: Path, out: Path, work: Path,
+                progress: bool = True) -> tuple:
+    """Steps 2-3 (or ZeroQ's range calibration): returns (qmodel, the generator or None, seconds
+    spent in earlier sessions). Writes ``generator.pt`` and ``history.jsonl`` to ``out``; the per-epoch
+    checkpoint goes to ``work`` (a rerun with the same ``work`` resumes). ``pre`` is the output of
+    ``synthesize_stage`` for ``texq`` and ``zeroq``."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    info = fp_model.texq_info
+    layout = _layout(cfg)
+    fp_model = fp_model.to(device, memory_format=layout)
+    qmodel = quantize(fp_model, cfg.quant)
+    if cfg.method == "zeroq":
+        images = load_torch(pre)["images"]
+        calibrate(qmodel, images.to(device).split(cfg.distill.batch_size), device=device)
+        return qmodel, None, 0.0
+    sources = Sources()
+    gcfg = cfg.generator
+    if cfg.method == "texq":
+        calib = load_calibration(pre)
+        sources.calib_images, sources.calib_labels = calib.images.to(device), calib.labels.to(device)
+        sources.centers = [type(c)(c.mean.to(device), c.var.to(device)) for c in calib.centers]
+    elif cfg.method == "gdfq":
+        gcfg = replace(gcfg, alpha3=0.1, alpha4=0.0, alpha5=0.0)  # GDFQ: CE + 0.1 * BNS
+    if cfg.method == "real":
+        sources.real = _real_batches(cfg, info, cfg.finetune.batch_size)
+    else:
+        sources.generator = Generator(info.num_classes, info.input_size, gcfg.latent_dim,
+                                      conditional_bn=info.dataset == "imagenet"
+                                      ).to(device, memory_format=layout)
+    mkd = cfg.mkd and cfg.method != "gdfq"
+    tuner = Finetuner(fp_model, qmodel, sources, gcfg, cfg.finetune, mkd, device, cfg.bns_norm)
+    prior = _train(tuner, cfg, work / "checkpoint.pt", out / "history.jsonl", progress)
+    if sources.generator is not None:
+        save_torch(out / "generator.pt", sources.generator.state_dict())
+    return qmodel, sources.generator, prior
+
+
+def texture_report(cfg: RunConfig, info, pre: Path | None, generator: Generator | None,
+                   n_generated: int = 256, batch_size: int = 64) -> dict:
+    """Texture statistics of the step-1 images (``pre``) and of ``n_generated`` generator samples
+    (training-mode BN, the distribution Q was trained on, in batches of ``batch_size``)."""
+    out: dict = {}
+    if pre is not None and cfg.method in ("texq", "zeroq"):
+        out["texture"] = texture_summary(load_torch(pre)["images"], cfg, info)
+    if generator is not None:
+        device = next(generator.parameters()).device
+        with torch.no_grad():
+            g = generator.train()
+            bs = batch_size
+            samples = torch.cat([g.sample(min(bs, n_generated - i), device)[0].cpu()
+                                 for i in range(0, n_generated, bs)])
+        out["texture_generated"] = texture_summary(samples, cfg, info)
+    return out
+
+
+def evaluate_stage(cfg: RunConfig, fp_model, qmodel, eval_data, progress: bool = True,
+                   batch_size: int = 256) -> dict:
+    """Score the final quantized model (and F) on the evaluation set (final score only)."""
+    device = resolve_device(cfg.device)
+    result = evaluate(qmodel, eval_data, batch_size=batch_size, device=device, progress=progress)
+    fp_result = evaluate(fp_model, eval_data, batch_size=batch_size, device=device, progress=progress)
+    return {"model": cfg.model, "data": cfg.data, "method": cfg.method, "profile": cfg.profile,
+            "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "seed": cfg.seed,
+            "laws": cfg.laws, "layered_bns": cfg.layered_bns, "mkd": cfg.mkd,
+            **result.to_dict(), "fp_top1": round(fp_result.top1, 4), "device": str(device),
+            "per_class_top1": result.per_class_top1()}
+
+
+def _train(tuner: Finetuner, cfg: RunConfig, ckpt: Path, history: Path, progress: bool) -> float:
     """Epoch loop with a checkpoint after each epoch; returns seconds spent in earlier sessions."""
-    ckpt, history = out / "checkpoint.pt", out / "history.jsonl"
     first, prior = 0, 0.0
     if ckpt.exists():
         state = load_torch(ckpt)
@@ -178,7 +214,7 @@ def _train(tuner: Finetuner, cfg: RunConfig, out: Path, progress: bool) -> float
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         first, prior = state["epoch"], state["seconds"]
-        log.info("resuming %s after epoch %d of %d", out, first, tuner.total_epochs)
+        log.info("resuming from %s after epoch %d of %d", ckpt, first, tuner.total_epochs)
         _truncate_history(history, first)
     t0 = time.perf_counter()
     total = tuner.total_epochs * cfg.finetune.iters_per_epoch

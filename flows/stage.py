@@ -1,0 +1,44 @@
+"""``python -m flows.stage NAME``: one pipeline stage (what dvc.yaml runs), tracked in MLflow.
+
+Same arguments as ``texq stage``; the stage runs inside its pipeline run's MLflow run (see
+``flows.tracking``). The last stdout line is the stage's JSON result; errors are one line on
+stderr and a non-zero exit, and mark the MLflow run FAILED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from texq.errors import TexqError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from texq.pipeline import STAGES, run_stage
+    from texq.pipeline.stages import stage_config
+
+    p = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__.split("\n")[0])
+    p.add_argument("name", choices=STAGES)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="out/pipeline")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from flows.tracking import tracked_stage
+
+    try:
+        cfg = stage_config(args.params, args.device)
+        with tracked_stage(args.name, args.params, args.out, cfg):
+            result = run_stage(args.name, args.params, args.out, args.device, not args.no_progress)
+    except TexqError as exc:
+        print(f"texq: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

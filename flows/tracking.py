@@ -1,0 +1,152 @@
+"""MLflow tracking of pipeline runs: one MLflow run per pipeline run, whatever stages it reruns.
+
+A pipeline run is identified by the content of its params file, the git commit, the DVC experiment
+name and the parent (grid) run: the first stage that runs creates the MLflow run (tagged with that
+key), later stages of the same pipeline run find it, ``evaluate`` ends it FINISHED, and a failing
+stage ends it FAILED before the error propagates (so ``dvc repro`` fails too).
+Everything is logged with ``MlflowClient`` and an explicit run id (no active-run globals: safe in
+Prefect's worker threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "texq"
+KEY_TAG = "texq.pipeline_key"
+TRAINED_TAG = "texq.trained_fingerprint"
+PARENT_ENV = "TEXQ_MLFLOW_PARENT_RUN"  # set by the grid flow: the child's parent run id
+FLOW_RUN_ENV = "TEXQ_PREFECT_FLOW_RUN"  # set by the Prefect flows: their flow-run id
+ALIASES = {  # short names users filter on in the MLflow UI
+    "alpha1": "calibration.alpha1", "alpha2": "calibration.alpha2", "alpha3": "generator.alpha3",
+    "alpha4": "generator.alpha4", "alpha5": "generator.alpha5", "alpha6": "finetune.alpha6",
+}
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else an absolute sqlite file in the project root (``$DVC_ROOT``
+    when DVC runs the stage in a temporary copy, so queued experiments keep their runs)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(os.environ.get("DVC_ROOT") or ROOT).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def client():
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.environ.get("DVC_ROOT") or ROOT,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def pipeline_key(params_file: str | Path) -> str:
+    parts = [Path(params_file).read_text(), git_commit(), os.environ.get("DVC_EXP_NAME", ""),
+             os.environ.get(PARENT_ENV, "")]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def experiment_id(c, name: str | None = None) -> str:
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def flat_params(cfg) -> dict[str, str]:
+    from texq.config import flatten
+
+    flat = {k: v for k, v in flatten(cfg).items() if k != "device"}
+    flat.update({alias: flat[key] for alias, key in ALIASES.items()})
+    return {k: str(v) for k, v in flat.items()}
+
+
+def find_or_create_run(c, params_file: str | Path, cfg) -> str:
+    """The RUNNING MLflow run of this pipeline run, or a new one with its params and tags."""
+    from mlflow.entities import Param, RunTag
+
+    key = pipeline_key(params_file)
+    exp = experiment_id(c)
+    found = c.search_runs([exp], f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
+                          max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {KEY_TAG: key, "git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, ""),
+            "method": cfg.method, "profile": cfg.profile}
+    if os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+    name = f"{cfg.method}-w{cfg.w_bits}a{cfg.a_bits}-s{cfg.seed}"
+    run = c.create_run(exp, tags=tags, run_name=name)
+    items = [Param(k, v) for k, v in flat_params(cfg).items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run.info.run_id, params=items[i:i + 100])
+    c.log_batch(run.info.run_id, tags=[RunTag("texq.params_file", str(params_file))])
+    return run.info.run_id
+
+
+def log_outputs(c, run_id: str, stage: str, out: Path) -> None:
+    """What a finished stage adds to the run: metrics (batched) and artifacts."""
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    metrics: list = []
+    if stage == "teacher":
+        r = json.loads((out / "teacher.json").read_text())
+        metrics.append(Metric("fp_top1", r["top1"], now, 0))
+        c.log_artifact(run_id, str(out / "teacher.json"))
+    elif stage == "train":
+        folder = out / "train"
+        for line in (folder / "history.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            metrics += [Metric(k, float(v), now, int(row["epoch"])) for k, v in row.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
+        for name in ("summary.json", "history.jsonl", "qmodel.pt"):
+            c.log_artifact(run_id, str(folder / name), "train")
+    elif stage == "evaluate":
+        r = json.loads((out / "metrics.json").read_text())
+        for k in ("top1", "top5", "correct", "n", "fp_top1", "train_seconds"):
+            metrics.append(Metric(k, float(r[k]), now, 0))
+        for group in ("texture", "texture_generated"):
+            for k, v in (r.get(group) or {}).items():
+                metrics.append(Metric(f"{group}.{k}", float(v), now, 0))
+        per_class = r.get("per_class_top1") or []
+        if len(per_class) <= 100:  # ImageNet's 1000 stay in the metrics.json artifact
+            metrics += [Metric(f"class_top1.{i}", v, now, 0) for i, v in enumerate(per_class) if v is not None]
+        c.log_artifact(run_id, str(out / "metrics.json"))
+        # which trained model was scored: a rerun of evaluate alone is not another result
+        summary = json.loads((out / "train" / "summary.json").read_text())
+        c.set_tag(run_id, TRAINED_TAG, summary["fingerprint"])
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        c.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+@contextmanager
+def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg) -> Iterator[str]:
+    """Run a stage inside its pipeline run's MLflow run (FAILED on error, FINISHED after
+    ``evaluate``)."""
+    c = client()
+    run_id = find_or_create_run(c, params_file, cfg)
+    try:
+        yield run_id
+        log_outputs(c, run_id, stage, Path(out))
+    except BaseException:
+        c.set_terminated(run_id, "FAILED")
+        raise
+    if stage == "evaluate":
+        c.set_terminated(run_id, "FINISHED")

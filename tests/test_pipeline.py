@@ -1,0 +1,256 @@
+"""params.yaml -> RunConfig, and the pipeline's stages against ``texq run``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from texq.config import RunConfig
+from texq.errors import ConfigError
+from texq.pipeline import load_params, run_config, run_stage
+from texq.pipeline.params import NOT_IN_FILE, RUN_KEYS, SECTIONS
+from texq.run import fingerprint, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _keys(cls, skip=()) -> set[str]:
+    out = set()
+    defaults = cls()
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        value = getattr(defaults, f.name)
+        out |= {f"{f.name}.{k}" for k in _keys(type(value))} if is_dataclass(value) else {f.name}
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def test_params_yaml_mirrors_every_config_field():
+    params = load_params(ROOT / "params.yaml")
+    assert set(params["run"]) == set(RUN_KEYS) - {"device"}  # the device is the machine's, not a param
+    for name, (_, cls) in SECTIONS.items():
+        head, _, sub = name.partition(".")
+        section = params[head][sub] if sub else params[head]
+        assert _flat(section) == _keys(cls, NOT_IN_FILE.get(name, ())), name
+
+
+def test_auto_takes_the_profile_value_and_values_override():
+    params = load_params(ROOT / "params.yaml")
+    for profile in ("paper", "quick", "tiny"):
+        cfg = run_config({**params, "profile": profile})
+        ref = RunConfig.for_profile(profile, model=cfg.model, pretrained=True, data=cfg.data)
+        assert fingerprint(cfg) == fingerprint(ref), profile  # params.yaml holds the defaults
+    params["train"]["finetune"]["alpha6"] = 10
+    params["calibrate"]["iters"] = 7
+    params["calibrate"]["laws"]["theta_u"] = 0.25
+    cfg = run_config(params)
+    assert (cfg.finetune.alpha6, cfg.calibration.iters, cfg.calibration.laws.theta_u) == (10.0, 7, 0.25)
+    assert cfg.finetune.epochs == 8  # still the quick profile's
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["train"]["finetune"].update(alpha7=1), "train.finetune.alpha7: unknown key"),
+    (lambda p: p["calibrate"].update(iters="many"), "calibrate.iters='many': expected int"),
+    (lambda p: p["run"].update(w_bits=9), "w_bits"),
+    (lambda p: p.update(profile="fast"), "profile='fast'"),
+    (lambda p: p.update(stages={}), "unknown section(s) stages"),
+    (lambda p: p["run"].update(gpu=1), "run.gpu: unknown key"),
+    (lambda p: p["train"]["finetune"].update(mixup_p=True), "mixup_p=True: expected float"),
+])
+def test_bad_params_name_the_file_and_key(edit, message):
+    params = load_params(ROOT / "params.yaml")
+    edit(params)
+    with pytest.raises(ConfigError, match="params.yaml") as exc:
+        run_config(params, "params.yaml")
+    assert message in str(exc.value)
+
+
+def test_missing_or_broken_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("run: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tmp_path_factory):
+    """A tiny-profile params file for a random-init ResNet-8 and a small .npz."""
+    root = tmp_path_factory.mktemp("pipe")
+    from texq.models import create_model
+
+    torch.manual_seed(0)
+    ckpt = root / "r8.pt"
+    torch.save(create_model("resnet8_cifar10").state_dict(), ckpt)
+    rng = np.random.default_rng(0)
+    data = root / "eval.npz"
+    np.savez(data, x=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y=np.arange(40) % 10)
+    params = load_params(ROOT / "params.yaml")
+    params["profile"] = "tiny"
+    params["run"].update(model="resnet8_cifar10", checkpoint=str(ckpt), pretrained=False, data=str(data))
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_stages_give_the_result_of_texq_run(tiny_params, tmp_path):
+    out = tmp_path / "pipe"
+    for name in ("teacher", "calibrate", "train", "evaluate"):
+        run_stage(name, tiny_params, out, device="cpu", progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    teacher = json.loads((out / "teacher.json").read_text())
+    assert not (out / ".work").exists() or not any((out / ".work").iterdir())
+    assert {p.name for p in (out / "train").iterdir()} == {"qmodel.pt", "generator.pt",
+                                                           "history.jsonl", "summary.json"}
+    cfg = run_config(load_params(tiny_params))
+    ref = run(RunConfig(**{**cfg.__dict__, "device": "cpu"}), tmp_path / "ref", progress=False)
+    assert metrics["correct"] == ref["correct"] and metrics["top1"] == ref["top1"]
+    assert metrics["fp_top1"] == teacher["top1"] == ref["fp_top1"]
+    assert len(metrics["per_class_top1"]) == 10 and "texture" in metrics
+    a = torch.load(out / "train" / "qmodel.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "ref" / "qmodel.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _dvc(args: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return {s for s in ("teacher", "calibrate", "train", "evaluate") if f"Running stage '{s}'" in output}
+
+
+BIN = Path(sys.executable).parent
+
+
+def _pipeline_repo(tiny_params, tmp_path, edit=None) -> tuple[Path, dict, callable]:
+    """A git + DVC repository holding texq's pipeline, tiny profile, MLflow in a temp sqlite."""
+    repo = tmp_path / "repo"
+    for name in ("texq", "flows"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    params = yaml.safe_load(Path(tiny_params).read_text())
+    if edit:
+        edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               OMP_NUM_THREADS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, env=env, check=True, capture_output=True)
+    git("init", "-q")
+    _dvc(["init", "-q"], repo, env)
+    git("add", "-A")
+    git("commit", "-qm", "pipeline")
+    return repo, env, git
+
+
+def _mlflow_runs(env: dict):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("texq")
+    return c, (c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else [])
+
+
+NEEDS_PIPELINE = pytest.mark.skipif(
+    not (BIN / "dvc").exists() or importlib.util.find_spec("mlflow") is None,
+    reason="the pipeline extra (dvc, mlflow) is not installed beside this Python")
+
+
+@NEEDS_PIPELINE
+def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp_path):
+    repo, env, git = _pipeline_repo(tiny_params, tmp_path)
+    assert _ran(_dvc(["repro"], repo, env)) == {"teacher", "calibrate", "train", "evaluate"}
+    metrics = json.loads((repo / "out" / "pipeline" / "metrics.json").read_text())
+    assert metrics["n"] == 40 and metrics["method"] == "texq"
+    assert _ran(_dvc(["repro"], repo, env)) == set()  # nothing changed: nothing runs
+    c, runs = _mlflow_runs(env)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert {f"alpha{i}" for i in range(1, 7)} <= set(run.data.params)
+    assert run.data.params["alpha6"] == "20.0" and run.data.params["profile"] == "tiny"
+    assert run.data.metrics["top1"] == metrics["top1"] and "q_kd" in run.data.metrics
+    assert len(c.get_metric_history(run.info.run_id, "g_ce")) == 3  # one point per epoch (1 + 2)
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"metrics.json", "teacher.json", "train"}
+    assert run.data.tags["git_commit"] != "unknown"
+    git("add", "-A")
+    git("commit", "-qm", "lock")
+    out = _dvc(["exp", "run", "-S", "train.finetune.alpha6=10"], repo, env)
+    assert _ran(out) == {"train", "evaluate"}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["finetune"]["alpha6"] == 10
+    _, runs = _mlflow_runs(env)
+    assert len(runs) == 2 and runs[1].data.params["alpha6"] == "10.0"
+    assert runs[1].info.status == "FINISHED" and runs[1].data.tags["dvc_exp_name"]
+    out = _dvc(["exp", "run", "-S", "evaluate.batch_size=8"], repo, env)
+    assert _ran(out) == {"teacher", "evaluate"}
+    proc = subprocess.run([str(BIN / "texq"), "compare", "--by", "alpha6", "--out", str(tmp_path / "cmp")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the last experiment re-scored the alpha6=10 model: one result per trained model
+    assert result["rows"] == 2 and [r["n"] for r in result["table"]] == [1, 1]
+    assert (tmp_path / "cmp" / "compare.csv").exists() and "| texq | W4A4 |" in proc.stdout
+
+
+@NEEDS_PIPELINE
+def test_failed_stage_fails_repro_and_its_mlflow_run(tiny_params, tmp_path):
+    def real_without_data(p):
+        p["run"].update(method="real", train_data=str(tmp_path / "missing.npz"))
+
+    repo, env, _ = _pipeline_repo(tiny_params, tmp_path, real_without_data)
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "missing.npz" in proc.stdout + proc.stderr
+    out = repo / "out" / "pipeline"
+    assert (out / "step1.pt").exists() and not (out / "train").exists()  # nothing half-written
+    assert not (out / "metrics.json").exists()
+    _, runs = _mlflow_runs(env)
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_compare_table_groups_seeds_against_statistics():
+    import statistics
+
+    import pandas as pd
+
+    from flows.compare import GROUP, compare_table, to_markdown
+
+    base = {"method": "texq", "w_bits": "4", "a_bits": "4", "laws": "True", "layered_bns": "True",
+            "mkd": "True", "profile": "quick", "alpha6": "20.0"}
+    rows = [{**base, "seed": str(s), "top1": t, "run_id": str(s)} for s, t in enumerate([91.2, 91.5, 91.6])]
+    rows.append({**base, "mkd": "False", "seed": "0", "top1": 90.0, "run_id": "x"})
+    rows.append({**base, "alpha6": "10.0", "seed": "0", "top1": 89.0, "run_id": "y"})
+    table = compare_table(pd.DataFrame(rows))
+    assert len(table) == 2  # alpha6 is not a grouping key unless asked
+    full = table[table.mkd == "True"].iloc[0]
+    assert full.n == 4 and full.top1_mean == pytest.approx(statistics.mean([91.2, 91.5, 91.6, 89.0]))
+    by = compare_table(pd.DataFrame(rows), ("alpha6",))
+    row = by[(by.mkd == "True") & (by.alpha6 == "20.0")].iloc[0]
+    assert row.n == 3 and row.seeds == "0 1 2"
+    assert row.top1_std == pytest.approx(statistics.stdev([91.2, 91.5, 91.6]))
+    md = to_markdown(by, ("alpha6",))
+    assert "| texq | W4A4 | True | True | True | quick | 20.0 | 91.43 +- 0.21 | 3 | 0 1 2 |" in md
+    assert md.count("\n") == 1 + len(by) and set(GROUP) <= set(by.columns)

@@ -1,0 +1,126 @@
+"""The pipeline's stages (``dvc.yaml``): each reads ``params.yaml``, calls ``texq``, writes its outs.
+
+    teacher    the full-precision model on the evaluation set        -> teacher.json
+    calibrate  step 1: calibration set and centers (ZeroQ: distilled) -> step1.pt
+    train      steps 2-3: generator and quantized model             -> train/ (qmodel.pt, ...)
+    evaluate   final-epoch top-1, per-class top-1, texture stats    -> metrics.json
+
+Each stage's results equal those of ``texq run`` with the same configuration: the same functions
+run in the same order with the same seeds. Outputs are written atomically; ``train`` checkpoints
+each epoch under ``<out>/.work/`` (not a DVC out) and a rerun after a kill resumes from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from texq.artifacts import load_quantized, save_quantized, save_torch
+from texq.config import RunConfig
+from texq.data import load_eval_data
+from texq.eval import evaluate
+from texq.generator import Generator
+from texq.io import write_json
+from texq.models import create_model
+from texq.pipeline.params import load_params, run_config
+from texq.run import (evaluate_stage, fingerprint, resolve_device, synthesize_stage,
+                      texture_report, train_stage)
+
+log = logging.getLogger("texq")
+STAGES = ("teacher", "calibrate", "train", "evaluate")
+
+
+def stage_config(params_file: str | Path, device: str = "auto") -> RunConfig:
+    return replace(run_config(load_params(params_file), str(params_file)), device=device)
+
+
+def _eval_batch(params_file) -> int:
+    return int((load_params(params_file).get("evaluate") or {}).get("batch_size", 256))
+
+
+def teacher(params_file, out: Path, device: str = "auto", progress: bool = True) -> dict:
+    cfg = stage_config(params_file, device)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    data = load_eval_data(cfg.data, model.texq_info)
+    res = evaluate(model, data, batch_size=_eval_batch(params_file), device=resolve_device(device),
+                   progress=progress)
+    result = {"model": cfg.model, "data": cfg.data, **res.to_dict(),
+              "per_class_top1": res.per_class_top1()}
+    write_json(out / "teacher.json", result)
+    return result
+
+
+def calibrate(params_file, out: Path, device: str = "auto", progress: bool = True) -> dict:
+    cfg = stage_config(params_file, device)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    start = time.perf_counter()
+    if cfg.method in ("texq", "zeroq"):
+        synthesize_stage(cfg, model, out / "step1.pt", progress)
+    else:  # gdfq / real: no step 1; an explicit empty output keeps the DAG uniform
+        save_torch(out / "step1.pt", {"method": cfg.method, "images": None})
+    return {"stage": "calibrate", "method": cfg.method, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def train(params_file, out: Path, device: str = "auto", progress: bool = True) -> dict:
+    cfg = stage_config(params_file, device)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    start = time.perf_counter()
+    work = out / ".work" / f"train-{fingerprint(cfg)}"  # checkpoint and history: a rerun resumes
+    work.mkdir(parents=True, exist_ok=True)
+    qmodel, _, prior = train_stage(cfg, model, out / "step1.pt", work, work, progress)
+    tmp = out / ".work" / "train-out"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in ("history.jsonl", "generator.pt"):
+        if (work / name).exists():
+            (work / name).rename(tmp / name)
+    save_quantized(tmp / "qmodel.pt", qmodel, {"method": cfg.method, "seed": cfg.seed})
+    summary = {"fingerprint": fingerprint(cfg), "config": cfg.to_dict(),
+               "seconds": round(prior + time.perf_counter() - start, 1)}
+    write_json(tmp / "summary.json", summary)
+    folder = out / "train"
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # the whole folder appears at once
+    shutil.rmtree(work, ignore_errors=True)
+    return {"stage": "train", "seconds": summary["seconds"]}
+
+
+def evaluate_(params_file, out: Path, device: str = "auto", progress: bool = True) -> dict:
+    cfg = stage_config(params_file, device)
+    fp_model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    info = fp_model.texq_info
+    data = load_eval_data(cfg.data, info)
+    folder = out / "train"
+    summary = json.loads((folder / "summary.json").read_text())
+    dev = resolve_device(device)
+    qmodel = load_quantized(folder / "qmodel.pt").to(dev)
+    metrics = evaluate_stage(cfg, fp_model.to(dev), qmodel, data, progress, _eval_batch(params_file))
+    generator = None
+    if (folder / "generator.pt").exists():
+        generator = Generator(info.num_classes, info.input_size, cfg.generator.latent_dim,
+                              conditional_bn=info.dataset == "imagenet")
+        generator.load_state_dict(torch.load(folder / "generator.pt", weights_only=True))
+        generator.to(dev)
+    torch.manual_seed(cfg.seed)
+    metrics.update(texture_report(cfg, info, out / "step1.pt", generator))
+    metrics["train_seconds"] = summary["seconds"]
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+RUNNERS = {"teacher": teacher, "calibrate": calibrate, "train": train, "evaluate": evaluate_}
+
+
+def run_stage(name: str, params_file="params.yaml", out="out/pipeline", device: str = "auto",
+              progress: bool = True) -> dict:
+    """Run one stage by name (what ``texq stage NAME`` and the Prefect tasks call)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("stage %s: %s -> %s", name, params_file, out)
+    return RUNNERS[name](params_file, out, device, progress)
