@@ -49,3 +49,24 @@ def test1000_data(test1000, shared_model):
     from texq.data import load_eval_data
 
     return load_eval_data(str(test1000), shared_model.texq_info)
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory):
+    """A random-init ResNet-8 checkpoint, a small labelled .npz standing in for evaluation data
+    and another for training data (runs in seconds; no meaningful accuracy)."""
+    import numpy as np
+    import torch
+
+    from texq.models import create_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    ckpt = root / "r8.pt"
+    torch.save(create_model("resnet8_cifar10").state_dict(), ckpt)
+    rng = np.random.default_rng(0)
+    data = root / "eval.npz"
+    np.savez(data, x=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y=np.arange(40) % 10)
+    train = root / "train.npz"
+    np.savez(train, x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y=np.arange(64) % 10)
+    return ckpt, data, train

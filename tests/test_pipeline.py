@@ -11,7 +11,6 @@ import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -92,17 +91,10 @@ def test_missing_or_broken_params_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_params(tmp_path_factory):
+def tiny_params(tiny_setup, tmp_path_factory):
     """A tiny-profile params file for a random-init ResNet-8 and a small .npz."""
+    ckpt, data, _ = tiny_setup
     root = tmp_path_factory.mktemp("pipe")
-    from texq.models import create_model
-
-    torch.manual_seed(0)
-    ckpt = root / "r8.pt"
-    torch.save(create_model("resnet8_cifar10").state_dict(), ckpt)
-    rng = np.random.default_rng(0)
-    data = root / "eval.npz"
-    np.savez(data, x=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y=np.arange(40) % 10)
     params = load_params(ROOT / "params.yaml")
     params["profile"] = "tiny"
     params["run"].update(model="resnet8_cifar10", checkpoint=str(ckpt), pretrained=False, data=str(data))

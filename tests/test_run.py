@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,23 +18,6 @@ from texq.config import RunConfig, flatten, with_overrides
 from texq.errors import ConfigError
 from texq.eval import evaluate
 from texq.run import run
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """A random-init ResNet-8 checkpoint and a small labelled .npz standing in for data."""
-    root = tmp_path_factory.mktemp("tiny")
-    from texq.models import create_model
-
-    torch.manual_seed(0)
-    ckpt = root / "r8.pt"
-    torch.save(create_model("resnet8_cifar10").state_dict(), ckpt)
-    rng = np.random.default_rng(0)
-    data = root / "eval.npz"
-    np.savez(data, x=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y=np.arange(40) % 10)
-    train = root / "train.npz"
-    np.savez(train, x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y=np.arange(64) % 10)
-    return ckpt, data, train
 
 
 def tiny(tiny_setup, **kw) -> RunConfig:
