@@ -70,3 +70,20 @@ def tiny_setup(tmp_path_factory):
     train = root / "train.npz"
     np.savez(train, x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y=np.arange(64) % 10)
     return ckpt, data, train
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_setup, tmp_path_factory):
+    """A tiny-profile params file for a random-init ResNet-8 and a small .npz."""
+    ckpt, data, _ = tiny_setup
+    root = tmp_path_factory.mktemp("pipe")
+    import yaml
+
+    from texq.pipeline import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    params["profile"] = "tiny"
+    params["run"].update(model="resnet8_cifar10", checkpoint=str(ckpt), pretrained=False, data=str(data))
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path

@@ -90,19 +90,6 @@ def test_missing_or_broken_params_file(tmp_path):
         load_params(tmp_path / "bad.yaml")
 
 
-@pytest.fixture(scope="module")
-def tiny_params(tiny_setup, tmp_path_factory):
-    """A tiny-profile params file for a random-init ResNet-8 and a small .npz."""
-    ckpt, data, _ = tiny_setup
-    root = tmp_path_factory.mktemp("pipe")
-    params = load_params(ROOT / "params.yaml")
-    params["profile"] = "tiny"
-    params["run"].update(model="resnet8_cifar10", checkpoint=str(ckpt), pretrained=False, data=str(data))
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
 def test_stages_give_the_result_of_texq_run(tiny_params, tmp_path):
     out = tmp_path / "pipe"
     for name in ("teacher", "calibrate", "train", "evaluate"):

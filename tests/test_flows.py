@@ -1,0 +1,129 @@
+"""Prefect + MLflow for real: servers on 127.0.0.1, a process work pool with 2 workers, a 2x2 grid.
+
+Servers and workers are started and stopped (by PID) here. About two minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("prefect", "mlflow")),
+    reason="the pipeline extra (prefect, mlflow) is not installed")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} not up after {seconds} s: {log.read_text()[-2000:]}")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:  # SIGINT first: Prefect workers ignore SIGTERM for a long time
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)
+    deadline = time.time() + 20
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    pp, mp = _port(), _port()
+    env = dict(os.environ, PREFECT_HOME=str(root / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{pp}/api",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_EXTRA_LOGGERS="texq",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mp}", MLFLOW_DISABLE_TELEMETRY="true",
+               OMP_NUM_THREADS="1", DO_NOT_TRACK="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *cmd: str) -> subprocess.Popen:
+        log = root / f"{name}.log"
+        p = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=open(log, "w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        prefect = start("prefect", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                        "--port", str(pp))
+        mlflow = start("mlflow", str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mp),
+                       "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                       "--artifacts-destination", str(root / "artifacts"))
+        _wait(f"http://127.0.0.1:{pp}/api/health", prefect, root / "prefect.log")
+        _wait(f"http://127.0.0.1:{mp}/health", mlflow, root / "mlflow.log")
+        yield env, root, start
+    finally:
+        _stop(procs)
+
+
+def _cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, tmp_path):
+    env, root, start = stack
+    _cli(env, str(BIN / "prefect"), "work-pool", "create", "texq", "--type", "process")
+    _cli(env, str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "texq-pipeline")
+    workers = [start(f"worker{i}", str(BIN / "prefect"), "worker", "start", "--pool", "texq",
+                     "--limit", "1") for i in range(2)]
+    grid = {"run.w_bits": [3, 4], "run.mkd": [True, False]}
+    code = ("import json, sys; from flows.pipeline import grid_search; "
+            "rows = grid_search(grid=json.loads(sys.argv[1]), base_params=sys.argv[2], out=sys.argv[3], "
+            "poll_seconds=2); print(json.dumps(rows))")
+    proc = _cli(env, sys.executable, "-c", code, json.dumps(grid), str(tiny_params), str(tmp_path / "grid"),
+                timeout=900)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETED"}
+    assert all(w.poll() is None for w in workers)  # both still serving
+
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("texq")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "texq.grid" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    assert {(r.data.params["w_bits"], r.data.params["mkd"]) for r in children} == {
+        ("3", "True"), ("3", "False"), ("4", "True"), ("4", "False")}
+    assert all(r.data.tags["prefect_flow_run_id"] for r in children)
+    assert all((tmp_path / "grid" / f"w_bits={b},mkd={m}" / "metrics.json").exists()
+               for b in (3, 4) for m in (True, False))
+    cmp = _cli(env, str(BIN / "texq"), "compare")
+    assert json.loads(cmp.stdout.strip().splitlines()[-1])["rows"] == 4
