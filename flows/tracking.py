@@ -61,10 +61,20 @@ def pipeline_key(params_file: str | Path) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
+def artifact_location() -> str | None:
+    """Beside a sqlite store, an absolute ``mlartifacts/`` folder (MLflow's default is ``./mlruns``
+    relative to the working directory, lost when DVC runs a stage in a temporary copy); a tracking
+    server decides for itself."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def experiment_id(c, name: str | None = None) -> str:
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    return exp.experiment_id if exp else c.create_experiment(name, artifact_location=artifact_location())
 
 
 def flat_params(cfg) -> dict[str, str]:

@@ -104,6 +104,32 @@ def test_torchvision_cifar10_path_offline(tmp_path, monkeypatch):
     assert torch.allclose(img, ref, atol=1e-6)
 
 
+def test_named_subset_from_assets_else_torchvision(tmp_path, monkeypatch):
+    """cifar10-test1000: the $TEXQ_ASSETS copy when present, else torchvision's first images."""
+    from torchvision.datasets import cifar
+
+    x, y = images(1200, seed=4), np.arange(1200) % 10
+    _write_cifar10_test_batch(tmp_path / "tv", x, y)
+    monkeypatch.setenv("TEXQ_DATA", str(tmp_path / "tv"))
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: True)
+    monkeypatch.delenv("TEXQ_ASSETS", raising=False)
+    ds = load_eval_data("cifar10-test1000", INFO10, download=False)
+    assert len(ds) == 1000 and ds[999][1] == 9
+    assets = tmp_path / "assets" / "cifar10"
+    assets.mkdir(parents=True)
+    np.savez(assets / "test_first1000.npz", x=x[:7], y=y[:7])  # stands in for the real file
+    monkeypatch.setenv("TEXQ_ASSETS", str(tmp_path / "assets"))
+    offline = load_eval_data("cifar10-test1000", INFO10, download=False)
+    assert len(offline) == 7
+    assert torch.equal(offline[3][0], ds[3][0]) and offline[3][1] == ds[3][1]
+    monkeypatch.setenv("TEXQ_ASSETS", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("TEXQ_DATA", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="no cifar10/test_first1000.npz under .*TEXQ_ASSETS"):
+        load_eval_data("cifar10-test1000", INFO10, download=False)
+    with pytest.raises(DataError, match="test images only"):
+        load_eval_data("cifar10-test1000", INFO10, train=True)
+
+
 def test_torchvision_cifar_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TEXQ_DATA", str(tmp_path))
     with pytest.raises(DataError, match="cifar10 test set not available under .*TEXQ_DATA"):

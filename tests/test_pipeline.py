@@ -174,6 +174,7 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert len(c.get_metric_history(run.info.run_id, "g_ce")) == 3  # one point per epoch (1 + 2)
     assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"metrics.json", "teacher.json", "train"}
     assert run.data.tags["git_commit"] != "unknown"
+    assert (tmp_path / "mlartifacts").is_dir() and not (repo / "mlruns").exists()  # beside the db
     git("add", "-A")
     git("commit", "-qm", "lock")
     out = _dvc(["exp", "run", "-S", "train.finetune.alpha6=10"], repo, env)

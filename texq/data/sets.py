@@ -2,7 +2,8 @@
 
 SPEC is one of: a ``.npz`` file (see :mod:`texq.data.arrays`); ``cifar10`` / ``cifar100`` (the
 test split through torchvision, downloaded into ``$TEXQ_DATA`` -- default ``~/.cache/texq/data``
--- on machines with internet); or an ImageNet-style folder with one subfolder per class, whose
+-- on machines with internet); ``cifar10-test1000`` (test images 0..999: the offline copy in
+``$TEXQ_ASSETS`` if present, else torchvision's); or an ImageNet-style folder with one subfolder per class, whose
 sorted names give the class indices (ImageNet's synset folders and CIFAR's class names both sort
 into the standard order).
 
@@ -22,6 +23,8 @@ from texq.models.registry import ModelInfo
 from texq.models.weights import texq_home
 
 TORCHVISION_SETS = {"cifar10": 10, "cifar100": 100}
+# named subsets: spec -> (torchvision set, first n test images, file in $TEXQ_ASSETS holding them)
+SUBSETS = {"cifar10-test1000": ("cifar10", 1000, "cifar10/test_first1000.npz")}
 
 
 def data_root() -> Path:
@@ -66,6 +69,25 @@ def _folder_set(path: Path, info: ModelInfo) -> Dataset:
     return ds
 
 
+def _subset(spec: str, info: ModelInfo, download: bool, train: bool) -> Dataset:
+    """The first n test images of a torchvision set: the offline copy in ``$TEXQ_ASSETS`` when
+    there is one (the same images, lossless), else torchvision's (downloaded where possible)."""
+    from torch.utils.data import Subset
+
+    name, n, rel = SUBSETS[spec]
+    if train:
+        raise DataError(f"data {spec!r} holds test images only: it cannot be training data")
+    assets = os.environ.get("TEXQ_ASSETS")
+    if assets and (Path(assets) / rel).is_file():
+        return npz_dataset(Path(assets) / rel, info.num_classes, info.input_size, info.mean, info.std)
+    try:
+        full = _torchvision_set(name, info, data_root(), download)
+    except DataError as exc:
+        raise DataError(f"data {spec!r}: no {rel} under $TEXQ_ASSETS ({assets or 'not set'}) and "
+                        f"{exc}") from exc
+    return Subset(full, range(n))
+
+
 def load_eval_data(spec: str, info: ModelInfo, download: bool = True, train: bool = False) -> Dataset:
     """The evaluation set named by ``spec``, normalised for the model described by ``info``.
 
@@ -73,6 +95,8 @@ def load_eval_data(spec: str, info: ModelInfo, download: bool = True, train: boo
     ``cifar100``); a file or folder is read as it is."""
     if spec in TORCHVISION_SETS:
         return _torchvision_set(spec, info, data_root(), download, train)
+    if spec in SUBSETS:
+        return _subset(spec, info, download, train)
     path = Path(spec)
     if path.suffix == ".npz":
         return npz_dataset(path, info.num_classes, info.input_size, info.mean, info.std)
