@@ -70,14 +70,10 @@ def _not_config_error(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=30, retry_condition_fn=_not_config_error)
 def stage(name: str, params_file: str, out: str, device: str = "auto") -> dict:
     """One pipeline stage in its MLflow run (the run is shared by the pipeline's stages)."""
-    from flows.tracking import tracked_stage
-    from texq.pipeline import run_stage
-    from texq.pipeline.stages import stage_config
+    from flows.tracking import run_tracked_stage
 
     logging.getLogger("texq").setLevel(logging.INFO)  # PREFECT_LOGGING_EXTRA_LOGGERS=texq shows it
-    cfg = stage_config(params_file, device)
-    with tracked_stage(name, params_file, out, cfg):
-        return run_stage(name, params_file, out, device, progress=False)
+    return run_tracked_stage(name, params_file, out, device, progress=False)
 
 
 @flow(name="texq-pipeline")

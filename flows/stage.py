@@ -16,8 +16,7 @@ from texq.errors import TexqError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from texq.pipeline import STAGES, run_stage
-    from texq.pipeline.stages import stage_config
+    from texq.pipeline import STAGES
 
     p = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=STAGES)
@@ -27,12 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from flows.tracking import tracked_stage
+    from flows.tracking import run_tracked_stage
 
     try:
-        cfg = stage_config(args.params, args.device)
-        with tracked_stage(args.name, args.params, args.out, cfg):
-            result = run_stage(args.name, args.params, args.out, args.device, not args.no_progress)
+        result = run_tracked_stage(args.name, args.params, args.out, args.device, not args.no_progress)
     except TexqError as exc:
         print(f"texq: error: {exc}", file=sys.stderr)
         return 2

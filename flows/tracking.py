@@ -160,3 +160,14 @@ def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg) -> Iterat
         raise
     if stage == "evaluate":
         c.set_terminated(run_id, "FINISHED")
+
+
+def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, device: str = "auto",
+                      progress: bool = True) -> dict:
+    """``texq.pipeline.run_stage`` inside its pipeline run's MLflow run."""
+    from texq.pipeline import run_stage
+    from texq.pipeline.stages import stage_config
+
+    cfg = stage_config(params_file, device)
+    with tracked_stage(name, params_file, out, cfg):
+        return run_stage(name, params_file, out, device, progress)
