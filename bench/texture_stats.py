@@ -72,7 +72,7 @@ def main() -> None:
         name = "TexQ calibration images" + ("" if laws else " without L_LAWS")
         sets[name] = texture_energy(calib.images, cfg, info.mean, info.std)
     if args.run:
-        g = Generator(info.num_classes, info.input_size)
+        g = Generator.for_model(info)
         g.load_state_dict(torch.load(Path(args.run) / "generator.pt", weights_only=True))
         with torch.no_grad():
             x, _ = g.eval().sample(256)

@@ -17,6 +17,7 @@ from texq.quant import QuantConfig, check_bits
 from texq.texture import LawsLossConfig, TextureConfig
 
 METHODS = ("texq", "gdfq", "zeroq", "real")
+KD_REDUCTIONS = ("mean", "batchmean")  # KL over batch x classes (lineage) / per sample
 PROFILES = ("paper", "quick", "tiny")
 
 
@@ -130,8 +131,8 @@ class RunConfig:
             raise ConfigError(f"finetune.act_calib_epochs={ft.act_calib_epochs} with warmup_epochs="
                               f"{ft.warmup_epochs}: expected 1 <= act_calib_epochs <= warmup_epochs "
                               f"(ranges are observed during the warm-up, then frozen before Q trains)")
-        if ft.kd_reduction not in ("mean", "batchmean"):
-            raise ConfigError(f"finetune.kd_reduction={ft.kd_reduction!r}: expected 'mean' or 'batchmean'")
+        if ft.kd_reduction not in KD_REDUCTIONS:
+            raise ConfigError(f"finetune.kd_reduction={ft.kd_reduction!r}: expected one of {KD_REDUCTIONS}")
         if self.bns_norm not in ("mse", "l2"):
             raise ConfigError(f"bns_norm={self.bns_norm!r}: expected 'mse' or 'l2'")
         check_bits("w_bits", self.w_bits)
@@ -161,7 +162,9 @@ class RunConfig:
 
 def _same_data(a: str, b: str) -> bool:
     """Whether two data specs name the same files (a named set's train split differs from data)."""
-    if a in ("cifar10", "cifar100") or b in ("cifar10", "cifar100"):
+    from texq.data.sets import TORCHVISION_SETS
+
+    if a in TORCHVISION_SETS or b in TORCHVISION_SETS:
         return False  # a named set's training split is read for train_data, its test split for data
     return Path(a).resolve() == Path(b).resolve()
 

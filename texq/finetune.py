@@ -18,13 +18,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from texq.bns import BNStatsCollector, LayerStats, bns_loss, distort, layer_weights, select_groups
-from texq.config import FinetuneConfig, GeneratorConfig
+from texq.config import KD_REDUCTIONS, FinetuneConfig, GeneratorConfig
 from texq.generator import Generator
 from texq.mixup import mixup_samples
 from texq.quant import set_observing
-
-
-KD_REDUCTIONS = ("mean", "batchmean")
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,

@@ -61,6 +61,13 @@ class Generator(nn.Module):
         self.conv3 = nn.Conv2d(width // 2, channels, 3, 1, 1)
         self.out_bn = nn.BatchNorm2d(channels, affine=False)
 
+    @classmethod
+    def for_model(cls, info, latent_dim: int = 100) -> "Generator":
+        """The generator for a model described by ``info`` (a ModelInfo): its classes and input
+        size; GDFQ's class-conditional BN for ImageNet models."""
+        return cls(info.num_classes, info.input_size, latent_dim,
+                   conditional_bn=info.dataset == "imagenet")
+
     def _bn(self, bn: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
         return bn(x, labels) if self.conditional_bn else bn(x)
 

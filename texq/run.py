@@ -162,9 +162,7 @@ def train_stage(cfg: RunConfig, fp_model, pre: Path, out: Path, work: Path,
     if cfg.method == "real":
         sources.real = _real_batches(cfg, info, cfg.finetune.batch_size)
     else:
-        sources.generator = Generator(info.num_classes, info.input_size, gcfg.latent_dim,
-                                      conditional_bn=info.dataset == "imagenet"
-                                      ).to(device, memory_format=layout)
+        sources.generator = Generator.for_model(info, gcfg.latent_dim).to(device, memory_format=layout)
     mkd = cfg.mkd and cfg.method != "gdfq"
     tuner = Finetuner(fp_model, qmodel, sources, gcfg, cfg.finetune, mkd, device, cfg.bns_norm)
     prior = _train(tuner, cfg, work / "checkpoint.pt", out / "history.jsonl", progress)

@@ -103,8 +103,7 @@ def evaluate_(params_file, out: Path, device: str = "auto", progress: bool = Tru
     metrics = evaluate_stage(cfg, fp_model.to(dev), qmodel, data, progress, _eval_batch(params_file))
     generator = None
     if (folder / "generator.pt").exists():
-        generator = Generator(info.num_classes, info.input_size, cfg.generator.latent_dim,
-                              conditional_bn=info.dataset == "imagenet")
+        generator = Generator.for_model(info, cfg.generator.latent_dim)
         generator.load_state_dict(torch.load(folder / "generator.pt", weights_only=True))
         generator.to(dev)
     torch.manual_seed(cfg.seed)
