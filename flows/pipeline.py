@@ -19,10 +19,13 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
 
+from flows.cache import may_use_cache, record, stage_inputs
 from flows.tracking import FLOW_RUN_ENV, PARENT_ENV, client, experiment_id
 from texq.errors import TexqError
+from texq.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,9 +70,14 @@ def _not_config_error(task, task_run, state) -> bool:
     return True
 
 
-@task(retries=2, retry_delay_seconds=30, retry_condition_fn=_not_config_error)
-def stage(name: str, params_file: str, out: str, device: str = "auto") -> dict:
-    """One pipeline stage in its MLflow run (the run is shared by the pipeline's stages)."""
+@task(retries=2, retry_delay_seconds=30, retry_condition_fn=_not_config_error,
+      cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json",
+      task_run_name="{name}")
+def stage(name: str, params_file: str, out: str, device: str = "auto",
+          inputs: dict | None = None) -> dict:
+    """One pipeline stage in its MLflow run (the run is shared by the pipeline's stages).
+    ``inputs`` (``flows.cache.stage_inputs``: what the stage reads, by content) is there for the
+    cache key: the same inputs return the cached result of a completed run."""
     from flows.tracking import run_tracked_stage
 
     logging.getLogger("texq").setLevel(logging.INFO)  # PREFECT_LOGGING_EXTRA_LOGGERS=texq shows it
@@ -91,9 +99,13 @@ def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "p
         os.environ[PARENT_ENV] = parent_run_id
     try:
         result: dict = {}
-        for name in ("teacher", "calibrate", "train", "evaluate"):
-            log.info("stage %s (%s)", name, params_file)
-            result = stage(name, str(params_file), str(folder), device)
+        for name in STAGES:
+            inputs = stage_inputs(name, params_file, folder)
+            reuse = may_use_cache(name, folder, inputs)
+            log.info("stage %s (%s)%s", name, params_file, "" if reuse else ": runs (no valid cache)")
+            result = stage.with_options(refresh_cache=not reuse)(
+                name, str(params_file), str(folder), device, inputs)
+            record(name, folder, inputs)
         log.info("top-1 %.2f (%s)", result["top1"], json.dumps(overrides or {}))
         return result
     finally:

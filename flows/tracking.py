@@ -111,8 +111,11 @@ def find_or_create_run(c, params_file: str | Path, cfg) -> str:
 
 def log_outputs(c, run_id: str, stage: str, out: Path) -> None:
     """What a finished stage adds to the run: metrics (batched) and artifacts."""
-    from mlflow.entities import Metric
     import time
+
+    from mlflow.entities import Metric
+
+    from flows.figures import loss_curves, read_history
 
     now = int(time.time() * 1000)
     metrics: list = []
@@ -122,12 +125,18 @@ def log_outputs(c, run_id: str, stage: str, out: Path) -> None:
         c.log_artifact(run_id, str(out / "teacher.json"))
     elif stage == "train":
         folder = out / "train"
-        for line in (folder / "history.jsonl").read_text().splitlines():
-            row = json.loads(line)
+        rows = read_history(folder / "history.jsonl")
+        for row in rows:
             metrics += [Metric(k, float(v), now, int(row["epoch"])) for k, v in row.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
         for name in ("summary.json", "history.jsonl", "qmodel.pt"):
             c.log_artifact(run_id, str(folder / name), "train")
+        if rows:
+            import matplotlib.pyplot as plt
+
+            fig = loss_curves(rows)
+            c.log_figure(run_id, fig, "train/loss_curves.png")
+            plt.close(fig)
     elif stage == "evaluate":
         r = json.loads((out / "metrics.json").read_text())
         for k in ("top1", "top5", "correct", "n", "fp_top1", "train_seconds"):

@@ -1,34 +1,31 @@
 #!/usr/bin/env bash
-# The main job: evaluate the CIFAR-10 ResNet-20 at full precision, then quantized to W8A8, W4A4
-# and W3A3 with activation ranges from Gaussian noise (no data, no fine-tuning).
-# Offline, it uses the shared assets ($TEXQ_ASSETS, default ../shared/assets); with internet and
-# no assets, the published pytorchcv ResNet-20 and the torchvision CIFAR-10 test set.
-# Results: one JSON per setting under ${TEXQ_OUT:-out/main}, and a summary table on stdout.
+# The main job: the default pipeline (params.yaml: TexQ W4A4 on the CIFAR-10 ResNet-20, quick
+# profile, seed 0) with `dvc repro`: teacher -> calibrate -> train -> evaluate, each run tracked in
+# MLflow (mlflow.db in the project root). About 12 minutes on a 2-core CPU; a rerun with nothing
+# changed does nothing. Extra arguments go to `dvc repro` (e.g. --force).
+# Offline, the model and images come from $TEXQ_ASSETS (default ../shared/assets, when present);
+# with internet and no assets, the published ResNet-20 weights and torchvision's CIFAR-10.
+# Results: out/pipeline/metrics.json (and teacher.json), and a summary on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${TEXQ_VENV:-.venv}"
-OUT="${TEXQ_OUT:-out/main}"
-ASSETS="${TEXQ_ASSETS:-../shared/assets}"
-if [ -f "$ASSETS/cifar10/resnet20-12fca82f.th" ]; then
-    src=(--model resnet20a_cifar10 --checkpoint "$ASSETS/cifar10/resnet20-12fca82f.th"
-         --data "$ASSETS/cifar10/test_first1000.npz")
-else
-    echo "main: no shared assets at $ASSETS: using published weights and torchvision CIFAR-10" >&2
-    src=(--model resnet20_cifar10 --pretrained --data cifar10)
+export PATH="$(cd "$VENV/bin" && pwd):$PATH"   # dvc.yaml's commands run this venv's python
+if [ -z "${TEXQ_ASSETS:-}" ] && [ -d ../shared/assets ]; then
+    export TEXQ_ASSETS="$(cd ../shared/assets && pwd)"
 fi
-mkdir -p "$OUT"
-for bits in 32 8 4 3; do
-    "$VENV/bin/texq" eval "${src[@]}" --w-bits "$bits" --a-bits "$bits" --no-progress \
-        --out "$OUT/w${bits}a${bits}.json" > /dev/null
-done
-"$VENV/bin/python" - "$OUT" <<'PY'
-import json, sys
+echo "main: dvc repro (params.yaml, profile $(python -c 'import yaml; print(yaml.safe_load(open("params.yaml"))["profile"])'))," \
+     "assets: ${TEXQ_ASSETS:-none, downloading}" >&2
+dvc repro "$@"
+python - <<'PY'
+import json
 from pathlib import Path
-print("| bits | top-1 % | 95% interval | correct / n |")
-print("| --- | --- | --- | --- |")
-for bits in (32, 8, 4, 3):
-    r = json.loads((Path(sys.argv[1]) / f"w{bits}a{bits}.json").read_text())
-    name = "FP32" if bits == 32 else f"W{bits}A{bits}"
-    lo, hi = r["top1_ci95"]
-    print(f"| {name} | {r['top1']:.1f} | {lo:.1f}-{hi:.1f} | {r['correct']} / {r['n']} |")
+
+m = json.loads(Path("out/pipeline/metrics.json").read_text())
+lo, hi = m["top1_ci95"]
+print(f"| model | top-1 % | 95% interval | correct / n |")
+print(f"| --- | --- | --- | --- |")
+print(f"| full precision | {m['fp_top1']:.1f} | | |")
+print(f"| {m['method']} W{m['w_bits']}A{m['a_bits']} (seed {m['seed']}) | {m['top1']:.1f} "
+      f"| {lo:.1f}-{hi:.1f} | {m['correct']} / {m['n']} |")
+print("metrics: out/pipeline/metrics.json; runs: mlflow ui --backend-store-uri sqlite:///mlflow.db")
 PY

@@ -127,3 +127,63 @@ def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, 
                for b in (3, 4) for m in (True, False))
     cmp = _cli(env, str(BIN / "texq"), "compare")
     assert json.loads(cmp.stdout.strip().splitlines()[-1])["rows"] == 4
+
+
+CACHE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from flows.pipeline import texq_pipeline
+
+base, out = sys.argv[1], sys.argv[2]
+
+def run(overrides):
+    state = texq_pipeline(overrides=overrides, base_params=base, out=out, device="cpu", return_state=True)
+    fid = state.state_details.flow_run_id
+    with get_client(sync_client=True) as c:
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))
+    return {"flow_run": str(fid), "top1": state.result()["top1"],
+            "tasks": {t.name: t.state.name for t in tasks}}
+
+rows = [run({}), run({})]
+rows.append(run({"train.finetune.alpha6": 7.0}))
+Path(out, "metrics.json").unlink()
+rows.append(run({"train.finetune.alpha6": 7.0}))
+print(json.dumps(rows))
+"""
+
+
+def _logs(env, flow_run_id: str) -> list[str]:
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/logs/filter", method="POST",
+                                 headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                  "limit": 200}).encode())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return [row["message"] for row in json.loads(r.read())]
+
+
+def test_pipeline_tasks_are_cached_by_inputs_and_library_logs_reach_the_server(stack, tiny_params,
+                                                                                tmp_path):
+    env, _, _ = stack
+    proc = _cli(env, sys.executable, "-c", CACHE_SCRIPT, str(tiny_params), str(tmp_path / "p"), timeout=600)
+    first, again, alpha6, lost = json.loads(proc.stdout.strip().splitlines()[-1])
+    stages = ("teacher", "calibrate", "train", "evaluate")
+    assert first["tasks"] == {s: "Completed" for s in stages}
+    assert again["tasks"] == {s: "Cached" for s in stages} and again["top1"] == first["top1"]
+    # a train key: train and evaluate run, the rest come from the cache
+    assert alpha6["tasks"] == {"teacher": "Cached", "calibrate": "Cached", "train": "Completed",
+                               "evaluate": "Completed"}
+    # an out deleted behind the cache's back: that stage runs again, its inputs being unchanged
+    assert lost["tasks"] == {"teacher": "Cached", "calibrate": "Cached", "train": "Cached",
+                             "evaluate": "Completed"}
+    assert (tmp_path / "p" / "metrics.json").exists() and lost["top1"] == alpha6["top1"]
+    deadline = time.time() + 30  # logs are shipped in batches
+    while True:
+        logs = _logs(env, first["flow_run"])
+        texq_lines = [m for m in logs if m.startswith(("stage ", "step 1: calibration images", "epoch "))]
+        if any(m.startswith("epoch ") for m in texq_lines) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert any(m.startswith("step 1: calibration images: ") and "(100%)" in m for m in texq_lines), logs
+    assert any(m.startswith("epoch 1/") for m in texq_lines), logs

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from texq.bns import BNStatsCollector, LayerStats, bns_loss, layer_weights
 from texq.config import CalibrationConfig
 from texq.models import get_info
 from texq.nn_utils import frozen
+from texq.progress import progress_bar
 from texq.texture import laws_loss, texture_energy
 
 
@@ -70,8 +70,7 @@ def synthesize(model: nn.Module, cfg: CalibrationConfig, use_laws: bool = True,
         weights = (layer_weights(len(bns.layers), cfg.shallow_weight, cfg.deep_weight)
                    if layered_bns else None)
         running = bns.running()
-        bar = tqdm(total=cfg.iters * -(-k // chunk), desc="step 1: calibration images",
-                   disable=not progress)
+        bar = progress_bar(cfg.iters * -(-k // chunk), "step 1: calibration images", progress)
         for first in range(0, k, chunk):
             sel = (labels >= first) & (labels < first + chunk)
             x, y = x0[sel].to(device), labels[sel].to(device)

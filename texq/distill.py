@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from texq.bns import BNStatsCollector, bns_loss
 from texq.config import DistillConfig
 from texq.models import get_info
 from texq.nn_utils import frozen
+from texq.progress import progress_bar
 
 
 def distill_images(model: nn.Module, cfg: DistillConfig, device: torch.device | str = "cpu",
@@ -22,7 +22,7 @@ def distill_images(model: nn.Module, cfg: DistillConfig, device: torch.device | 
     with frozen(model.to(device)), BNStatsCollector(model) as bns:
         running = bns.running()
         n_batches = -(-cfg.num_images // cfg.batch_size)
-        bar = tqdm(total=n_batches * cfg.iters, desc="zeroq: distilling images", disable=not progress)
+        bar = progress_bar(n_batches * cfg.iters, "zeroq: distilling images", progress)
         for b in range(n_batches):
             size = min(cfg.batch_size, cfg.num_images - b * cfg.batch_size)
             x = torch.randn(size, 3, info.input_size, info.input_size, generator=gen).to(device)

@@ -1,0 +1,100 @@
+"""What the Prefect stage tasks are cached on (flows/cache.py) and the loss-curve figure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                reason="the pipeline extra is not installed")
+
+from flows.cache import content_hash, may_use_cache, params_subset, record, stage_inputs, stage_spec
+from texq.errors import TexqError
+
+
+def test_stage_spec_reads_dvc_yaml():
+    spec = stage_spec("train")
+    assert "run.w_bits" in spec["params"] and "train" in spec["params"]
+    assert "out/pipeline/step1.pt" in spec["deps"] and spec["outs"] == ["out/pipeline/train"]
+    assert stage_spec("evaluate")["outs"] == ["out/pipeline/metrics.json"]
+    with pytest.raises(TexqError, match="no stage 'fit'"):
+        stage_spec("fit")
+
+
+def test_params_subset_takes_keys_and_sections():
+    params = {"run": {"w_bits": 4, "seed": 0}, "train": {"finetune": {"alpha6": 20}}}
+    assert params_subset(["run.w_bits", "train"], params) == {
+        "run.w_bits": 4, "train": {"finetune": {"alpha6": 20}}}
+    with pytest.raises(TexqError, match="'run.mkd'"):
+        params_subset(["run.mkd"], params)
+
+
+def _edited(src: Path, dest: Path, section: str, key: str, value) -> Path:
+    params = yaml.safe_load(src.read_text())
+    node = params
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    dest.write_text(yaml.safe_dump(params))
+    return dest
+
+
+def test_a_key_changes_the_inputs_of_the_stages_that_read_it(tiny_params, tmp_path):
+    out = tmp_path / "out"
+    base = {s: stage_inputs(s, tiny_params, out) for s in ("teacher", "calibrate", "train", "evaluate")}
+    alpha6 = _edited(tiny_params, tmp_path / "a.yaml", "train.finetune", "alpha6", 7.0)
+    batch = _edited(tiny_params, tmp_path / "b.yaml", "evaluate", "batch_size", 64)
+    changed_a = {s for s in base if stage_inputs(s, alpha6, out) != base[s]}
+    changed_b = {s for s in base if stage_inputs(s, batch, out) != base[s]}
+    assert changed_a == {"train"}  # evaluate follows through train's outs (its deps hash)
+    assert changed_b == {"teacher", "evaluate"}
+    assert stage_inputs("train", tiny_params, tmp_path / "elsewhere") != base["train"]
+
+
+def test_content_hash_sees_bytes_names_and_absence(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("one")
+    h1 = content_hash([d])
+    assert content_hash([d]) == h1
+    (d / "a.txt").write_text("two")
+    h2 = content_hash([d])
+    (d / "a.txt").rename(d / "b.txt")
+    h3 = content_hash([d])
+    (d / "b.txt").unlink()
+    h4 = content_hash([d])
+    assert len({h1, h2, h3, h4}) == 4  # content, then name, then absence all change it
+
+
+def test_cache_is_only_used_while_the_outs_are_as_recorded(tiny_params, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs = stage_inputs("evaluate", tiny_params, out)
+    assert not may_use_cache("evaluate", out, inputs)  # never ran
+    (out / "metrics.json").write_text(json.dumps({"top1": 50.0}))
+    record("evaluate", out, inputs)
+    assert may_use_cache("evaluate", out, inputs)
+    assert not may_use_cache("evaluate", out, {**inputs, "out": "other"})  # other inputs
+    (out / "metrics.json").write_text(json.dumps({"top1": 51.0}))  # outs changed since
+    assert not may_use_cache("evaluate", out, inputs)
+    (out / "metrics.json").unlink()  # outs gone
+    assert not may_use_cache("evaluate", out, inputs)
+
+
+def test_loss_curves_plot_each_history_column_per_epoch():
+    from flows.figures import loss_curves
+
+    rows = [{"epoch": 0, "phase": "warmup", "lr_q": 1e-5, "g_ce": 3.0, "g_bns": 2.0},
+            {"epoch": 1, "phase": "joint", "lr_q": 5e-6, "g_ce": 2.0, "g_bns": 1.5, "q_kd": 0.9},
+            {"epoch": 2, "phase": "joint", "lr_q": 0.0, "g_ce": 1.0, "g_bns": 1.0, "q_kd": 0.7}]
+    fig = loss_curves(rows)
+    axes = fig.axes
+    assert [ax.get_title().split(" ")[0] for ax in axes] == ["generator", "quantized", "learning"]
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ax in axes for ln in ax.lines}
+    assert lines["g_ce"] == ([1, 2, 3], [3.0, 2.0, 1.0])
+    assert lines["q_kd"] == ([2, 3], [0.9, 0.7])  # no q_* in the warm-up epoch
+    assert lines["lr_q"] == ([1, 2, 3], [1e-5, 5e-6, 0.0]) and "phase" not in lines
