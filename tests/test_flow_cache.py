@@ -98,3 +98,11 @@ def test_loss_curves_plot_each_history_column_per_epoch():
     assert lines["g_ce"] == ([1, 2, 3], [3.0, 2.0, 1.0])
     assert lines["q_kd"] == ([2, 3], [0.9, 0.7])  # no q_* in the warm-up epoch
     assert lines["lr_q"] == ([1, 2, 3], [1e-5, 5e-6, 0.0]) and "phase" not in lines
+
+
+def test_every_code_dep_in_dvc_yaml_exists():
+    from flows.cache import ROOT
+
+    for name in ("teacher", "calibrate", "train", "evaluate"):
+        for dep in stage_spec(name)["deps"]:
+            assert dep.startswith("out/pipeline/") or (ROOT / dep).exists(), (name, dep)

@@ -109,6 +109,23 @@ def test_stages_give_the_result_of_texq_run(tiny_params, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_evaluate_reuses_the_teacher_score_only_for_the_same_model_and_data(tiny_params, tmp_path):
+    out = tmp_path / "pipe"
+    for name in ("teacher", "calibrate", "train", "evaluate"):
+        run_stage(name, tiny_params, out, device="cpu", progress=False)
+    teacher = json.loads((out / "teacher.json").read_text())
+    real_fp = json.loads((out / "metrics.json").read_text())["fp_top1"]
+    assert real_fp == teacher["top1"]
+    # a marked score in teacher.json shows whether evaluate took it or scored F itself
+    (out / "teacher.json").write_text(json.dumps({**teacher, "top1": 12.5}))
+    assert run_stage("evaluate", tiny_params, out, device="cpu", progress=False)["fp_top1"] == 12.5
+    for key, value in (("data", "other.npz"), ("checkpoint", "other.pt"), ("n", 7)):
+        (out / "teacher.json").write_text(json.dumps({**teacher, "top1": 12.5, key: value}))
+        assert run_stage("evaluate", tiny_params, out, device="cpu", progress=False)["fp_top1"] == real_fp
+    (out / "teacher.json").unlink()
+    assert run_stage("evaluate", tiny_params, out, device="cpu", progress=False)["fp_top1"] == real_fp
+
+
 def _dvc(args: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)

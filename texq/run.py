@@ -190,15 +190,18 @@ def texture_report(cfg: RunConfig, info, pre: Path | None, generator: Generator 
 
 
 def evaluate_stage(cfg: RunConfig, fp_model, qmodel, eval_data, progress: bool = True,
-                   batch_size: int = 256) -> dict:
-    """Score the final quantized model (and F) on the evaluation set (final score only)."""
+                   batch_size: int = 256, fp_top1: float | None = None) -> dict:
+    """Score the final quantized model (and F, unless its ``fp_top1`` on the same evaluation set
+    is given) on the evaluation set (final score only)."""
     device = resolve_device(cfg.device)
     result = evaluate(qmodel, eval_data, batch_size=batch_size, device=device, progress=progress)
-    fp_result = evaluate(fp_model, eval_data, batch_size=batch_size, device=device, progress=progress)
+    if fp_top1 is None:
+        fp_top1 = evaluate(fp_model, eval_data, batch_size=batch_size, device=device,
+                           progress=progress).top1
     return {"model": cfg.model, "data": cfg.data, "method": cfg.method, "profile": cfg.profile,
             "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "seed": cfg.seed,
             "laws": cfg.laws, "layered_bns": cfg.layered_bns, "mkd": cfg.mkd,
-            **result.to_dict(), "fp_top1": round(fp_result.top1, 4), "device": str(device),
+            **result.to_dict(), "fp_top1": round(fp_top1, 4), "device": str(device),
             "per_class_top1": result.per_class_top1()}
 
 

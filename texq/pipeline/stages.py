@@ -50,10 +50,24 @@ def teacher(params_file, out: Path, device: str = "auto", progress: bool = True)
     data = load_eval_data(cfg.data, model.texq_info)
     res = evaluate(model, data, batch_size=_eval_batch(params_file), device=resolve_device(device),
                    progress=progress)
-    result = {"model": cfg.model, "data": cfg.data, **res.to_dict(),
-              "per_class_top1": res.per_class_top1()}
+    result = {**_teacher_source(cfg), **res.to_dict(), "per_class_top1": res.per_class_top1()}
     write_json(out / "teacher.json", result)
     return result
+
+
+def _teacher_source(cfg: RunConfig) -> dict:
+    """What teacher.json's score is of: evaluate reuses it only for the same model and data."""
+    return {"model": cfg.model, "data": cfg.data, "checkpoint": cfg.checkpoint,
+            "pretrained": cfg.pretrained}
+
+
+def _teacher_top1(out: Path, cfg: RunConfig, n: int) -> float | None:
+    try:
+        t = json.loads((out / "teacher.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(t.get(k) == v for k, v in _teacher_source(cfg).items()) and t.get("n") == n
+    return t["top1"] if same else None
 
 
 def calibrate(params_file, out: Path, device: str = "auto", progress: bool = True) -> dict:
@@ -100,7 +114,8 @@ def evaluate_(params_file, out: Path, device: str = "auto", progress: bool = Tru
     summary = json.loads((folder / "summary.json").read_text())
     dev = resolve_device(device)
     qmodel = load_quantized(folder / "qmodel.pt").to(dev)
-    metrics = evaluate_stage(cfg, fp_model.to(dev), qmodel, data, progress, _eval_batch(params_file))
+    metrics = evaluate_stage(cfg, fp_model.to(dev), qmodel, data, progress, _eval_batch(params_file),
+                             fp_top1=_teacher_top1(out, cfg, len(data)))
     generator = None
     if (folder / "generator.pt").exists():
         generator = Generator.for_model(info, cfg.generator.latent_dim)
