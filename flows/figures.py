@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PANELS = (("g_", "generator (Eq. 12 terms)"), ("q_", "quantized model (Eq. 13-14 terms)"),
-          ("lr", "learning rate"))
+COUNTS = {"q_mixed"}  # not a loss: mixed samples per batch (Eq. 9), its own panel
+PANELS = (("generator (Eq. 12 terms)", lambda k: k.startswith("g_")),
+          ("quantized model (Eq. 13-14 terms)", lambda k: k.startswith("q_") and k not in COUNTS),
+          ("mixup: mixed samples per batch", lambda k: k in COUNTS),
+          ("learning rate", lambda k: k.startswith("lr")))
 
 
 def read_history(path: str | Path) -> list[dict]:
@@ -14,20 +17,18 @@ def read_history(path: str | Path) -> list[dict]:
 
 
 def loss_curves(rows: list[dict]):
-    """A matplotlib Figure: one panel per group of history columns (``g_*``, ``q_*``, ``lr*``),
-    one line per column over the epochs; a column missing from an epoch leaves a gap."""
-    import matplotlib
+    """A matplotlib Figure: one panel per group of history columns (``g_*`` losses, ``q_*``
+    losses, mixed-sample counts, ``lr*``), one line per column over the epochs; a column missing
+    from an epoch leaves a gap."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    groups = [(prefix, title, sorted({k for r in rows for k in r if k.startswith(prefix)
-                                      and isinstance(r[k], (int, float))}))
-              for prefix, title in PANELS]
-    groups = [g for g in groups if g[2]]
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 3.6),
-                             squeeze=False)
-    for ax, (_, title, keys) in zip(axes[0], groups):
+    groups = [(title, sorted({k for r in rows for k in r if wanted(k)
+                              and isinstance(r[k], (int, float)) and not isinstance(r[k], bool)}))
+              for title, wanted in PANELS]
+    groups = [g for g in groups if g[1]]
+    fig = Figure(figsize=(5 * max(1, len(groups)), 3.6))
+    axes = fig.subplots(1, max(1, len(groups)), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], groups):
         for key in keys:
             pts = [(r["epoch"] + 1, r[key]) for r in rows if key in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=key)

@@ -132,11 +132,7 @@ def log_outputs(c, run_id: str, stage: str, out: Path) -> None:
         for name in ("summary.json", "history.jsonl", "qmodel.pt"):
             c.log_artifact(run_id, str(folder / name), "train")
         if rows:
-            import matplotlib.pyplot as plt
-
-            fig = loss_curves(rows)
-            c.log_figure(run_id, fig, "train/loss_curves.png")
-            plt.close(fig)
+            c.log_figure(run_id, loss_curves(rows), "train/loss_curves.png")
     elif stage == "evaluate":
         r = json.loads((out / "metrics.json").read_text())
         for k in ("top1", "top5", "correct", "n", "fp_top1", "train_seconds"):

@@ -89,14 +89,18 @@ def test_loss_curves_plot_each_history_column_per_epoch():
     from flows.figures import loss_curves
 
     rows = [{"epoch": 0, "phase": "warmup", "lr_q": 1e-5, "g_ce": 3.0, "g_bns": 2.0},
-            {"epoch": 1, "phase": "joint", "lr_q": 5e-6, "g_ce": 2.0, "g_bns": 1.5, "q_kd": 0.9},
-            {"epoch": 2, "phase": "joint", "lr_q": 0.0, "g_ce": 1.0, "g_bns": 1.0, "q_kd": 0.7}]
+            {"epoch": 1, "phase": "joint", "lr_q": 5e-6, "g_ce": 2.0, "g_bns": 1.5, "q_kd": 0.9,
+             "q_mixed": 15},
+            {"epoch": 2, "phase": "joint", "lr_q": 0.0, "g_ce": 1.0, "g_bns": 1.0, "q_kd": 0.7,
+             "q_mixed": 14}]
     fig = loss_curves(rows)
     axes = fig.axes
-    assert [ax.get_title().split(" ")[0] for ax in axes] == ["generator", "quantized", "learning"]
+    assert [ax.get_title().split(" ")[0] for ax in axes] == ["generator", "quantized", "mixup:", "learning"]
+    assert [ln.get_label() for ln in axes[1].lines] == ["q_kd"]  # the count is not a loss
     lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ax in axes for ln in ax.lines}
     assert lines["g_ce"] == ([1, 2, 3], [3.0, 2.0, 1.0])
     assert lines["q_kd"] == ([2, 3], [0.9, 0.7])  # no q_* in the warm-up epoch
+    assert lines["q_mixed"] == ([2, 3], [15, 14])
     assert lines["lr_q"] == ([1, 2, 3], [1e-5, 5e-6, 0.0]) and "phase" not in lines
 
 
