@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: the default pipeline (params.yaml: TexQ W4A4 on the CIFAR-10 ResNet-20, quick
 # profile, seed 0) with `dvc repro`: teacher -> calibrate -> train -> evaluate, each run tracked in
-# MLflow (mlflow.db in the project root). About 12 minutes on a 2-core CPU; a rerun with nothing
+# MLflow (mlflow.db in the project root). About 10 minutes on a 2-core CPU; a rerun with nothing
 # changed does nothing. Extra arguments go to `dvc repro` (e.g. --force).
 # Offline, the model and images come from $TEXQ_ASSETS (default ../shared/assets, when present);
 # with internet and no assets, the published ResNet-20 weights and torchvision's CIFAR-10.
