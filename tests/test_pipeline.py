@@ -73,6 +73,9 @@ def test_auto_takes_the_profile_value_and_values_override():
     (lambda p: p.update(stages={}), "unknown section(s) stages"),
     (lambda p: p["run"].update(gpu=1), "run.gpu: unknown key"),
     (lambda p: p["train"]["finetune"].update(mixup_p=True), "mixup_p=True: expected float"),
+    (lambda p: p["evaluate"].update(batch_sise=64), "evaluate.batch_sise: unknown key"),
+    (lambda p: p["evaluate"].update(batch_size=0), "evaluate.batch_size=0: expected a positive integer"),
+    (lambda p: p["evaluate"].update(batch_size="big"), "evaluate.batch_size='big'"),
 ])
 def test_bad_params_name_the_file_and_key(edit, message):
     params = load_params(ROOT / "params.yaml")

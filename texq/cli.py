@@ -15,6 +15,7 @@ import time
 import torch
 
 from texq.errors import TexqError
+from texq.pipeline import STAGES
 
 log = logging.getLogger("texq")
 
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser("stage", help="run one pipeline stage from params.yaml (dvc.yaml calls this)")
-    st.add_argument("name", choices=["teacher", "calibrate", "train", "evaluate"])
+    st.add_argument("name", choices=STAGES)
     st.add_argument("--params", default="params.yaml", help="the pipeline's parameters file")
     st.add_argument("--out", default="out/pipeline", help="folder of the stages' outputs")
     st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -182,9 +182,8 @@ def texture_report(cfg: RunConfig, info, pre: Path | None, generator: Generator 
         device = next(generator.parameters()).device
         with torch.no_grad():
             g = generator.train()
-            bs = batch_size
-            samples = torch.cat([g.sample(min(bs, n_generated - i), device)[0].cpu()
-                                 for i in range(0, n_generated, bs)])
+            samples = torch.cat([g.sample(min(batch_size, n_generated - i), device)[0].cpu()
+                                 for i in range(0, n_generated, batch_size)])
         out["texture_generated"] = texture_summary(samples, cfg, info)
     return out
 

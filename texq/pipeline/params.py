@@ -86,11 +86,28 @@ def _section_overrides(where: str, section: Any, cls: type, prefix: str, skip=()
     return out
 
 
+def eval_batch_size(params: dict, source: str = "params.yaml") -> int:
+    """``evaluate.batch_size`` of a parsed params.yaml (default 256), checked."""
+    section = params.get("evaluate") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: evaluate: expected a mapping")
+    bad = set(section) - set(EVALUATE_KEYS)
+    if bad:
+        raise ConfigError(f"{source}: evaluate.{sorted(bad)[0]}: unknown key (expected one of "
+                          f"{', '.join(EVALUATE_KEYS)})")
+    size = section.get("batch_size", 256)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"{source}: evaluate.batch_size={size!r}: expected a positive integer")
+    return size
+
+
 def run_config(params: dict, source: str = "params.yaml") -> RunConfig:
-    """The RunConfig that ``params`` (a parsed params.yaml) describes; errors name the key."""
+    """The RunConfig that ``params`` (a parsed params.yaml) describes; errors name the key.
+    The ``evaluate`` section is checked here too (``eval_batch_size`` reads it)."""
     unknown = set(params) - {"profile", "run", "train", "evaluate", *SECTIONS}
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}")
+    eval_batch_size(params, source)
     run = params.get("run") or {}
     if not isinstance(run, dict):
         raise ConfigError(f"{source}: run: expected a mapping")

@@ -28,7 +28,7 @@ from texq.eval import evaluate
 from texq.generator import Generator
 from texq.io import write_json
 from texq.models import create_model
-from texq.pipeline.params import load_params, run_config
+from texq.pipeline.params import eval_batch_size, load_params, run_config
 from texq.run import (evaluate_stage, fingerprint, resolve_device, synthesize_stage,
                       texture_report, train_stage)
 
@@ -36,19 +36,22 @@ log = logging.getLogger("texq")
 STAGES = ("teacher", "calibrate", "train", "evaluate")
 
 
+def _read(params_file: str | Path, device: str) -> tuple[RunConfig, int]:
+    """The stage's RunConfig and evaluation batch size, from one read of the params file."""
+    params = load_params(params_file)
+    cfg = replace(run_config(params, str(params_file)), device=device)
+    return cfg, eval_batch_size(params, str(params_file))
+
+
 def stage_config(params_file: str | Path, device: str = "auto") -> RunConfig:
-    return replace(run_config(load_params(params_file), str(params_file)), device=device)
-
-
-def _eval_batch(params_file) -> int:
-    return int((load_params(params_file).get("evaluate") or {}).get("batch_size", 256))
+    return _read(params_file, device)[0]
 
 
 def teacher(params_file, out: Path, device: str = "auto", progress: bool = True) -> dict:
-    cfg = stage_config(params_file, device)
+    cfg, batch_size = _read(params_file, device)
     model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     data = load_eval_data(cfg.data, model.texq_info)
-    res = evaluate(model, data, batch_size=_eval_batch(params_file), device=resolve_device(device),
+    res = evaluate(model, data, batch_size=batch_size, device=resolve_device(device),
                    progress=progress)
     result = {**_teacher_source(cfg), **res.to_dict(), "per_class_top1": res.per_class_top1()}
     write_json(out / "teacher.json", result)
@@ -106,7 +109,7 @@ def train(params_file, out: Path, device: str = "auto", progress: bool = True) -
 
 
 def evaluate_(params_file, out: Path, device: str = "auto", progress: bool = True) -> dict:
-    cfg = stage_config(params_file, device)
+    cfg, batch_size = _read(params_file, device)
     fp_model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     info = fp_model.texq_info
     data = load_eval_data(cfg.data, info)
@@ -114,7 +117,7 @@ def evaluate_(params_file, out: Path, device: str = "auto", progress: bool = Tru
     summary = json.loads((folder / "summary.json").read_text())
     dev = resolve_device(device)
     qmodel = load_quantized(folder / "qmodel.pt").to(dev)
-    metrics = evaluate_stage(cfg, fp_model.to(dev), qmodel, data, progress, _eval_batch(params_file),
+    metrics = evaluate_stage(cfg, fp_model.to(dev), qmodel, data, progress, batch_size,
                              fp_top1=_teacher_top1(out, cfg, len(data)))
     generator = None
     if (folder / "generator.pt").exists():
