@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
+from flows import ROOT
 from texq.errors import TexqError
 
-ROOT = Path(__file__).resolve().parents[1]
 DVC_OUT = "out/pipeline"  # the folder dvc.yaml's stages write; a flow run maps it to its own
 
 

@@ -27,8 +27,6 @@ from flows.tracking import FLOW_RUN_ENV, PARENT_ENV, client, experiment_id
 from texq.errors import TexqError
 from texq.pipeline import STAGES
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def merged_params(base: str | Path, overrides: dict[str, Any]) -> dict:
     """``base`` params.yaml with dotted-key ``overrides`` applied; every key and value is checked

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
+from flows import ROOT
+
 EXPERIMENT = "texq"
 KEY_TAG = "texq.pipeline_key"
 TRAINED_TAG = "texq.trained_fingerprint"
