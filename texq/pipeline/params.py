@@ -86,16 +86,21 @@ def _section_overrides(where: str, section: Any, cls: type, prefix: str, skip=()
     return out
 
 
+def _keyed_section(params: dict, name: str, keys: tuple[str, ...], source: str) -> dict:
+    """Top-level section ``name`` (absent: empty), a mapping whose keys are among ``keys``."""
+    section = params.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: {name}: expected a mapping")
+    bad = set(section) - set(keys)
+    if bad:
+        raise ConfigError(f"{source}: {name}.{sorted(bad)[0]}: unknown key (expected one of "
+                          f"{', '.join(keys)})")
+    return section
+
+
 def eval_batch_size(params: dict, source: str = "params.yaml") -> int:
     """``evaluate.batch_size`` of a parsed params.yaml (default 256), checked."""
-    section = params.get("evaluate") or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{source}: evaluate: expected a mapping")
-    bad = set(section) - set(EVALUATE_KEYS)
-    if bad:
-        raise ConfigError(f"{source}: evaluate.{sorted(bad)[0]}: unknown key (expected one of "
-                          f"{', '.join(EVALUATE_KEYS)})")
-    size = section.get("batch_size", 256)
+    size = _keyed_section(params, "evaluate", EVALUATE_KEYS, source).get("batch_size", 256)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"{source}: evaluate.batch_size={size!r}: expected a positive integer")
     return size
@@ -108,13 +113,7 @@ def run_config(params: dict, source: str = "params.yaml") -> RunConfig:
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}")
     eval_batch_size(params, source)
-    run = params.get("run") or {}
-    if not isinstance(run, dict):
-        raise ConfigError(f"{source}: run: expected a mapping")
-    bad = set(run) - set(RUN_KEYS)
-    if bad:
-        raise ConfigError(f"{source}: run.{sorted(bad)[0]}: unknown key (expected one of "
-                          f"{', '.join(RUN_KEYS)})")
+    run = _keyed_section(params, "run", RUN_KEYS, source)
     base = RunConfig.__dataclass_fields__
     top = {k: _check_type(f"{source}: run.{k}", v, base[k].default) for k, v in run.items()}
     try:
