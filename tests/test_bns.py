@@ -15,7 +15,6 @@ from texq.bns import (
     distort,
     group_mean_var,
     layer_weights,
-    select_groups,
 )
 from texq.models import create_model
 
@@ -23,26 +22,30 @@ from texq.models import create_model
 def test_layer_weights_for_resnet20_by_hand():
     # akamaster ResNet-20: 19 BN layers, ceil(19/2) - 2 = 8: l = 1..7 shallow, 8..19 deep
     assert len(bn_layers(create_model("resnet20a_cifar10"))) == 19
-    assert layer_weights(19, 0.2, 1.1).tolist() == pytest.approx([0.2] * 7 + [1.1] * 12)
-    assert layer_weights(19, 0.0, 1.0).tolist() == [0.0] * 7 + [1.0] * 12
+    assert layer_weights(19, 0.2, 1.1) == pytest.approx([0.2] * 7 + [1.1] * 12)
+    assert layer_weights(19, 0.0, 1.0) == [0.0] * 7 + [1.0] * 12
     # pytorchcv ResNet-20 (two projection shortcuts): 21 BN layers, ceil(21/2) - 2 = 9
     assert len(bn_layers(create_model("resnet20_cifar10"))) == 21
-    assert layer_weights(21, 0.2, 1.1).tolist() == pytest.approx([0.2] * 8 + [1.1] * 13)
+    assert layer_weights(21, 0.2, 1.1) == pytest.approx([0.2] * 8 + [1.1] * 13)
     # even L: the paper's ceiling is "the smallest integer greater than its input", so for
     # ResNet-18's 20 BN layers ceil(20/2) = 11 and layers 1..8 are shallow
-    assert layer_weights(20, 0.0, 1.0).tolist() == [0.0] * 8 + [1.0] * 12
+    assert layer_weights(20, 0.0, 1.0) == [0.0] * 8 + [1.0] * 12
 
 
 def test_group_statistics_equal_class_by_class():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(12, 5, 6, 6, generator=gen) * 3 + 10  # large mean: two-pass variance matters
     labels = torch.tensor([7, 0, 1, 7, 7, 0, 1, 1, 0, 7, 7, 1])  # classes 2..6 absent
-    g = group_mean_var(x, labels)
-    assert g.ids.tolist() == [0, 1, 7] and g.counts.tolist() == [3, 4, 5]
-    for row, c in enumerate(g.ids.tolist()):
+    g = group_mean_var(x, labels, 10)
+    assert g.counts.tolist() == [3, 4, 0, 0, 0, 0, 0, 5, 0, 0]
+    for c in range(10):
         xs = x[labels == c]
-        assert torch.allclose(g.mean[row], xs.mean(dim=(0, 2, 3)), atol=1e-5)
-        assert torch.allclose(g.var[row], xs.var(dim=(0, 2, 3), unbiased=False), atol=1e-4)
+        if len(xs):
+            assert torch.allclose(g.mean[c], xs.mean(dim=(0, 2, 3)), atol=1e-5)
+            assert torch.allclose(g.var[c], xs.var(dim=(0, 2, 3), unbiased=False), atol=1e-4)
+        else:  # an absent class: a zero row, and masked out of per-group losses
+            assert not g.mean[c].any() and not g.var[c].any()
+    assert g.of_groups().present.tolist() == [1, 1, 0, 0, 0, 0, 0, 1, 0, 0]
     whole = batch_mean_var(x)
     assert torch.allclose(whole.mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(whole.var, x.var(dim=(0, 2, 3), unbiased=False), atol=1e-4)
@@ -52,11 +55,22 @@ def test_group_statistics_equal_class_by_class():
     assert torch.allclose(pooled.var, whole.var, atol=1e-4)
 
 
-def test_select_groups_picks_the_present_classes():
-    centers = [LayerStats(torch.arange(30.0).view(10, 3), torch.ones(10, 3))]
-    g = group_mean_var(torch.randn(4, 3, 2, 2), torch.tensor([8, 2, 8, 5]))
-    (c,) = select_groups(centers, [g])
-    assert c.mean[:, 0].tolist() == [6.0, 15.0, 24.0]  # classes 2, 5, 8
+def test_per_group_loss_averages_over_the_groups_present_only():
+    centers = [LayerStats(torch.zeros(10, 2), torch.zeros(10, 2))]
+    x = torch.tensor([[1.0, 1.0], [3.0, 3.0]]).view(2, 2, 1, 1)  # one sample each of classes 2, 5
+    (g,) = [group_mean_var(x, torch.tensor([2, 5]), 10).of_groups()]
+    # class 2: mean (1, 1) -> MSE 1; class 5: mean (3, 3) -> MSE 9; variances 0; the 8 absent
+    # classes are left out: (1 + 9) / 2, not (1 + 9) / 10
+    assert bns_loss([g], centers).item() == pytest.approx(5.0)
+    # without the mask every group counts
+    unmasked = LayerStats(g.mean, g.var)
+    assert bns_loss([unmasked], centers).item() == pytest.approx(1.0)
+
+
+def test_group_statistics_need_the_number_of_groups():
+    model = create_model("resnet8a_cifar10")
+    with BNStatsCollector(model) as bns, pytest.raises(ValueError, match="number of groups"):
+        bns.set_groups(torch.tensor([0, 1]))
 
 
 def test_collector_records_bn_inputs():

@@ -28,7 +28,7 @@ def _grad(model, x, labels, cfg, weights):
     x = x.clone().requires_grad_(True)
     info = model.texq_info
     with frozen(model), BNStatsCollector(model) as bns:
-        bns.groups = labels
+        bns.set_groups(labels, 10)
         logits = model(x)
         stats = [g.of_groups() for g in bns.collected()]
         loss, _ = calibration_loss(x, logits, labels, stats, bns.running(), weights, cfg,

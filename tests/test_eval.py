@@ -98,3 +98,23 @@ def test_eval_result_properties():
     assert r.top1 == 91.5 and r.top5 == 99.8
     lo, hi = r.top1_ci95
     assert lo < 91.5 < hi
+
+
+def test_evaluate_moves_the_model_to_the_requested_device(monkeypatch):
+    """Inputs go to ``device`` and so must the model (a CPU model scored with device='cuda'
+    crashed the teacher stage on a GPU); where the model lives is the default."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    data = TensorDataset(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    moved = []
+    original = nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        moved.append(args[0] if args else kwargs.get("device"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", spy)
+    evaluate(model, data, device=torch.device("cpu"), progress=False)
+    assert moved == [torch.device("cpu")]
+    moved.clear()
+    evaluate(model, data, progress=False)
+    assert moved == []

@@ -63,16 +63,21 @@ def test_auto_takes_the_profile_value_and_values_override():
     cfg = run_config(params)
     assert (cfg.finetune.alpha6, cfg.calibration.iters, cfg.calibration.laws.theta_u) == (10.0, 7, 0.25)
     assert cfg.finetune.epochs == 8  # still the quick profile's
+    # keys valid only together are checked together (not one at a time, in file order)
+    paper = {**params, "profile": "paper"}
+    paper["train"]["finetune"].update(act_calib_epochs=1, warmup_epochs=2)
+    cfg = run_config(paper)
+    assert (cfg.finetune.warmup_epochs, cfg.finetune.act_calib_epochs) == (2, 1)
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p["train"]["finetune"].update(alpha7=1), "train.finetune.alpha7: unknown key"),
-    (lambda p: p["calibrate"].update(iters="many"), "calibrate.iters='many': expected int"),
+    (lambda p: p["calibrate"].update(iters="many"), "calibrate.iters='many': expected an integer"),
     (lambda p: p["run"].update(w_bits=9), "w_bits"),
     (lambda p: p.update(profile="fast"), "profile='fast'"),
     (lambda p: p.update(stages={}), "unknown section(s) stages"),
     (lambda p: p["run"].update(gpu=1), "run.gpu: unknown key"),
-    (lambda p: p["train"]["finetune"].update(mixup_p=True), "mixup_p=True: expected float"),
+    (lambda p: p["train"]["finetune"].update(mixup_p=True), "mixup_p=True: expected a number"),
     (lambda p: p["evaluate"].update(batch_sise=64), "evaluate.batch_sise: unknown key"),
     (lambda p: p["evaluate"].update(batch_size=0), "evaluate.batch_size=0: expected a positive integer"),
     (lambda p: p["evaluate"].update(batch_size="big"), "evaluate.batch_size='big'"),

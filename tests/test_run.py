@@ -109,6 +109,58 @@ def test_overrides_and_flatten():
     assert paper.calibration.classes_per_step == 0
 
 
+def test_overrides_are_validated_once_whatever_their_order():
+    """act_calib_epochs <= warmup_epochs is checked after every override is applied: the same two
+    keys are accepted in either order, and a bad pair is refused in either order."""
+    cfg = RunConfig.for_profile("paper", checkpoint="x.pt")  # warmup 50, act_calib 4
+    pair = [("finetune.warmup_epochs", 2), ("finetune.act_calib_epochs", 1)]
+    for order in (pair, pair[::-1]):
+        got = with_overrides(cfg, dict(order)).finetune
+        assert (got.warmup_epochs, got.act_calib_epochs) == (2, 1)
+    bad = [("finetune.warmup_epochs", 2), ("finetune.act_calib_epochs", 3)]
+    for order in (bad, bad[::-1]):
+        with pytest.raises(ConfigError, match="act_calib_epochs=3 with warmup_epochs=2"):
+            with_overrides(cfg, dict(order))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("finetune.alpha6", "abc", "finetune.alpha6='abc': expected a number"),
+    ("finetune.warmup_epochs", 2.5, "finetune.warmup_epochs=2.5: expected an integer"),
+    ("mkd", "yes", "mkd='yes': expected true or false"),
+    ("finetune.calib_crop_scale", [0.5], "expected a list of 2 a number"),
+    ("quant.first_layer_bits", "8", "expected an integer or null"),
+    ("finetune", 1, "is a section"),
+])
+def test_override_types_are_checked_up_front(key, value, message):
+    cfg = RunConfig.for_profile("quick", checkpoint="x.pt")
+    with pytest.raises(ConfigError) as exc:
+        with_overrides(cfg, {key: value})
+    assert message in str(exc.value)
+    # ints pass as floats, lists as tuples, null where the setting allows it
+    ok = with_overrides(cfg, {"finetune.alpha6": 7, "finetune.calib_crop_scale": [0.3, 1],
+                              "quant.first_layer_bits": None})
+    assert ok.finetune.alpha6 == 7.0 and isinstance(ok.finetune.alpha6, float)
+    assert ok.finetune.calib_crop_scale == (0.3, 1.0)
+
+
+def test_cli_rejects_a_bad_override_before_any_work(tiny_setup, tmp_path, capsys):
+    ckpt, data, _ = tiny_setup
+    base = ["run", "--model", "resnet8_cifar10", "--checkpoint", str(ckpt), "--data", str(data),
+            "--profile", "paper", "--device", "cpu", "--no-progress"]
+    rc = main(base + ["--out", str(tmp_path / "a"), "--set", "finetune.alpha6=abc"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "finetune.alpha6='abc': expected a number" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()  # refused before the run folder is made
+    # both orders of a pair that is valid only together are accepted (dry: a bad seed stops it
+    # after the config is built, before any work)
+    for order in (["finetune.warmup_epochs=2", "finetune.act_calib_epochs=1"],
+                  ["finetune.act_calib_epochs=1", "finetune.warmup_epochs=2"]):
+        sets = [a for kv in order for a in ("--set", kv)]
+        rc = main(base + ["--out", str(tmp_path / "b"), *sets, "--set", "seed=x"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "seed='x': expected an integer" in err and "act_calib" not in err
+
+
 def test_cli_run_prints_json_last(tiny_setup, tmp_path, capsys):
     ckpt, data, _ = tiny_setup
     rc = main(["run", "--model", "resnet8_cifar10", "--checkpoint", str(ckpt), "--data", str(data),

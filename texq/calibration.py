@@ -12,13 +12,15 @@ optimisation (up to Adam's epsilon), only batched.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from texq.bns import BNStatsCollector, LayerStats, bns_loss, layer_weights
+from texq.bns import BNStatsCollector, LayerStats, bns_loss, concat, layer_weights
 from texq.config import CalibrationConfig
+from texq.graphs import GraphedStep
 from texq.models import get_info
 from texq.nn_utils import frozen
 from texq.progress import progress_bar
@@ -33,33 +35,38 @@ class CalibrationSet:
     history: list[dict]  # loss terms every 50 iterations
 
 
-def calibration_loss(x: Tensor, logits: Tensor, labels: Tensor, stats: list[LayerStats],
-                     running: list[LayerStats], weights: Tensor | None, cfg: CalibrationConfig,
-                     mean, std, use_laws: bool, bns_norm: str = "mse") -> tuple[Tensor, dict]:
-    """Eq. 10 with every term averaged over classes (see the module docstring)."""
+def calibration_loss(x: Tensor, logits: Tensor, labels: Tensor,
+                     stats: LayerStats | list[LayerStats], running: LayerStats | list[LayerStats], weights: Sequence[float] | None,
+                     cfg: CalibrationConfig, mean, std, use_laws: bool, bns_norm: str = "mse"
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. 10 with every term averaged over classes (see the module docstring); the terms are
+    returned as detached 0-d tensors (no host sync)."""
     # each class's statistics against F's running ones
     l_bns = bns_loss(stats, running, weights, bns_norm)
     l_ce = F.cross_entropy(logits, labels)  # equal-size classes: the mean of the class means
     total = cfg.alpha1 * l_bns + cfg.alpha2 * l_ce
-    terms = {"bns": l_bns.item(), "ce": l_ce.item()}
+    terms = {"bns": l_bns.detach(), "ce": l_ce.detach()}
     if use_laws:
         l_laws = laws_loss(texture_energy(x, cfg.texture, mean, std), cfg.laws).mean()
         total = total + l_laws
-        terms["laws"] = l_laws.item()
+        terms["laws"] = l_laws.detach()
     return total, terms
 
 
 def synthesize(model: nn.Module, cfg: CalibrationConfig, use_laws: bool = True,
                layered_bns: bool = True, device: torch.device | str = "cpu", seed: int = 0,
-               progress: bool = True, bns_norm: str = "mse") -> CalibrationSet:
+               progress: bool = True, bns_norm: str = "mse", cuda_graphs: bool = True
+               ) -> CalibrationSet:
     """Optimise the calibration images of every class and extract their centers.
 
     ``layered_bns=False`` (Table 3 ablation) aligns with the plain Eq. 3 (every w_l = 1).
     ``cfg.classes_per_step`` > 0 optimises the classes in chunks (for large models and many
     classes): each chunk's loss is scaled by its share of the classes, so every image receives
-    the gradient it gets in the one-batch optimisation.
+    the gradient it gets in the one-batch optimisation. On CUDA each iteration's forward and
+    backward pass is replayed as a CUDA graph unless ``cuda_graphs=False`` (texq.graphs).
     """
     info = get_info(model)
+    device = torch.device(device)
     k, n = info.num_classes, cfg.images_per_class
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(k * n, 3, info.input_size, info.input_size, generator=gen)
@@ -69,60 +76,69 @@ def synthesize(model: nn.Module, cfg: CalibrationConfig, use_laws: bool = True,
     with frozen(model.to(device)), BNStatsCollector(model) as bns:
         weights = (layer_weights(len(bns.layers), cfg.shallow_weight, cfg.deep_weight)
                    if layered_bns else None)
-        running = bns.running()
+        running = concat(bns.running())
         bar = progress_bar(cfg.iters * -(-k // chunk), "step 1: calibration images", progress)
         for first in range(0, k, chunk):
             sel = (labels >= first) & (labels < first + chunk)
+            classes = min(chunk, k - first)
             x, y = x0[sel].to(device), labels[sel].to(device)
-            share = len(y.unique()) / k
-            x, hist = _optimise(model, bns, x, y, share, weights, running, cfg, info, use_laws,
-                                bns_norm, bar)
+            x, hist = _optimise(model, bns, x, y, first, classes, classes / k, weights, running,
+                                cfg, info, use_laws, bns_norm, bar, cuda_graphs)
             history += [{"classes_from": first, **h} if chunk < k else h for h in hist]
             images.append(x)
-            centers.append(class_centers(model, bns, x, y))
+            centers.append(class_centers(model, bns, x, y - first, classes))
         bar.close()
     centers = [LayerStats(torch.cat([c[i].mean for c in centers]), torch.cat([c[i].var for c in centers]))
                for i in range(len(centers[0]))]
     return CalibrationSet(torch.cat(images), labels.to(device), centers, history)
 
 
-def _optimise(model, bns, x, labels, share, weights, running, cfg, info, use_laws, bns_norm,
-              bar) -> tuple[Tensor, list[dict]]:
-    """Adam on the images ``x`` of the classes in ``labels``; the loss is scaled by ``share``."""
+def _optimise(model, bns, x, labels, first, classes, share, weights, running, cfg, info,
+              use_laws, bns_norm, bar, cuda_graphs) -> tuple[Tensor, list[dict]]:
+    """Adam on the images ``x`` of classes ``first..first+classes-1``; the loss is scaled by
+    ``share``. Loss terms are read from the device every 50 iterations only."""
     x = x.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr * cfg.warmup_lr_factor)  # warm-up: half lr (paper)
     history: list[dict] = []
-    bns.groups = labels
+    bns.set_groups(labels - first, classes)
+
+    def make_step(laws_on: bool):
+        def fn() -> Tensor:
+            logits = model(x)
+            stats = bns.stats_all().of_groups()
+            loss, terms = calibration_loss(x, logits, labels, stats, running, weights, cfg,
+                                           info.mean, info.std, use_laws=laws_on, bns_norm=bns_norm)
+            (loss * share).backward()
+            return torch.stack([loss.detach(), *terms.values()])
+        names = ["loss", "bns", "ce"] + (["laws"] if laws_on else [])
+        return GraphedStep(fn, x.device, [x], enabled=cuda_graphs), names
+
+    steps = {False: make_step(False)}
     for it in range(cfg.iters):
+        laws_on = use_laws and it >= cfg.warmup_iters
         if it == cfg.warmup_iters:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr
-        opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        stats = [g.of_groups() for g in bns.collected()]
-        loss, terms = calibration_loss(x, logits, labels, stats, running, weights, cfg,
-                                       info.mean, info.std,
-                                       use_laws=use_laws and it >= cfg.warmup_iters,
-                                       bns_norm=bns_norm)
-        (loss * share).backward()
+        if laws_on not in steps:
+            steps[laws_on] = make_step(laws_on)
+        step, names = steps[laws_on]
+        values = step()
         opt.step()
         bar.update()
         if it % 50 == 0 or it == cfg.iters - 1:
-            history.append({"iter": it, "loss": loss.item(), **terms})
-            bar.set_postfix({t: f"{v:.3f}" for t, v in terms.items()})
+            terms = dict(zip(names, values.tolist()))
+            history.append({"iter": it, **terms})
+            bar.set_postfix({t: f"{v:.3f}" for t, v in terms.items() if t != "loss"})
     return x.detach(), history
 
 
 @torch.no_grad()
-def class_centers(model: nn.Module, bns: BNStatsCollector, images: Tensor, labels: Tensor
-                  ) -> list[LayerStats]:
-    """Per-class BN-input mean and variance (K, C) of the calibration images: the centers."""
-    bns.groups = labels
+def class_centers(model: nn.Module, bns: BNStatsCollector, images: Tensor, labels: Tensor,
+                  num_classes: int) -> list[LayerStats]:
+    """Per-class BN-input mean and variance (K, C) of the calibration images: the centers.
+    ``labels`` are 0..num_classes-1; every class needs at least one image."""
+    if len(torch.unique(labels.cpu())) != num_classes:
+        raise ValueError("every class needs at least one calibration image")
+    bns.set_groups(labels, num_classes)
     model(images)
-    out = []
-    present = labels.unique()
-    for g in bns.collected():
-        if len(g.ids) != len(present):
-            raise ValueError("every class needs at least one calibration image")
-        out.append(LayerStats(g.mean.detach().clone(), g.var.detach().clone()))
-    return out
+    return [LayerStats(g.mean.detach().clone(), g.var.detach().clone()) for g in bns.collected()]

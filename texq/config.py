@@ -9,8 +9,10 @@ CIFAR-10), the setting it was tuned and measured with.
 
 from __future__ import annotations
 
+import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Union, get_args, get_origin, get_type_hints
 
 from texq.errors import ConfigError
 from texq.quant import QuantConfig, check_bits
@@ -107,7 +109,9 @@ class RunConfig:
     layered_bns: bool = True  # Table 3 switch: L_L-BNS^C (else the plain Eq. 3) in step 1
     mkd: bool = True  # Table 3 switch: mixup knowledge distillation (else plain KD)
     bns_norm: str = "mse"  # BNS distance: the lineage's mean square ('mse') or Eq. 3's L2 ('l2')
-    channels_last: bool = True  # NHWC memory layout for the convolutions: speed only, same maths
+    channels_last: bool | str = "auto"  # NHWC convolutions (speed only, same maths); auto: where faster (texq.device)
+    cuda_graphs: bool = True  # on CUDA, replay each training step as one CUDA graph: speed only, same maths
+    tf32: bool = False  # TF32 CUDA convolutions/matmuls: faster, 10-bit-mantissa products (off: float32)
     quant: QuantConfig = field(default_factory=QuantConfig)  # quantizer options; bits from above
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -133,6 +137,8 @@ class RunConfig:
                               f"(ranges are observed during the warm-up, then frozen before Q trains)")
         if ft.kd_reduction not in KD_REDUCTIONS:
             raise ConfigError(f"finetune.kd_reduction={ft.kd_reduction!r}: expected one of {KD_REDUCTIONS}")
+        if self.channels_last not in (True, False, "auto"):
+            raise ConfigError(f"channels_last={self.channels_last!r}: expected true, false or auto")
         if self.bns_norm not in ("mse", "l2"):
             raise ConfigError(f"bns_norm={self.bns_norm!r}: expected 'mse' or 'l2'")
         check_bits("w_bits", self.w_bits)
@@ -207,17 +213,70 @@ def flatten(cfg, prefix: str = "") -> dict[str, object]:
 
 
 def with_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
-    """Apply dotted-key overrides ({'finetune.alpha6': 10}) to a RunConfig, checking each key."""
+    """Apply dotted-key overrides ({'finetune.alpha6': 10}) to a RunConfig.
+
+    Each key must name a setting and each value must have its type (a one-line ConfigError naming
+    the key otherwise, before any work starts); the result is validated once, after every
+    override is applied, so the order of the overrides never matters."""
+    tree = _tree(cfg)
     for key, value in overrides.items():
-        cfg = _set(cfg, key.split("."), value, key)
-    return cfg
+        node, owner, path = tree, cfg, key.split(".")
+        for i, part in enumerate(path):
+            names = {f.name for f in fields(owner)}
+            if part not in names:
+                raise ConfigError(f"unknown config key {key!r} (no {part!r} in "
+                                  f"{type(owner).__name__}: {', '.join(sorted(names))})")
+            child = getattr(owner, part)
+            if i == len(path) - 1:
+                if is_dataclass(child):
+                    raise ConfigError(f"config key {key!r} is a section: set one of its keys "
+                                      f"({', '.join(f.name for f in fields(child))})")
+                node[part] = check_value(key, value, get_type_hints(type(owner))[part])
+            else:
+                if not is_dataclass(child):
+                    raise ConfigError(f"unknown config key {key!r} ({part!r} is not a section)")
+                node, owner = node[part], child
+    return _build(cfg, tree)
 
 
-def _set(obj, path: list[str], value, full_key: str):
-    names = {f.name for f in fields(obj)}
-    if path[0] not in names:
-        raise ConfigError(f"unknown config key {full_key!r} (no {path[0]!r} in "
-                          f"{type(obj).__name__}: {', '.join(sorted(names))})")
-    if len(path) == 1:
-        return replace(obj, **{path[0]: value})
-    return replace(obj, **{path[0]: _set(getattr(obj, path[0]), path[1:], value, full_key)})
+def _tree(obj) -> dict:
+    return {f.name: _tree(v) if is_dataclass(v := getattr(obj, f.name)) else v for f in fields(obj)}
+
+
+def _build(obj, tree: dict):
+    kwargs = {f.name: _build(v, tree[f.name]) if is_dataclass(v := getattr(obj, f.name))
+              else tree[f.name] for f in fields(obj)}
+    return type(obj)(**kwargs)
+
+
+def check_value(key: str, value, hint):
+    """``value`` converted to the annotated type ``hint`` (ints pass as floats, lists as tuples),
+    or a ConfigError naming ``key`` and the expected type."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return check_value(key, value, arg)
+            except ConfigError:
+                pass
+    elif origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(check_value(key, v, a) for v, a in zip(value, args))
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint in (bool, str) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(hint)}")
+
+
+def _type_name(hint) -> str:
+    args = get_args(hint)
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if get_origin(hint) is tuple:
+        return f"a list of {len(args)} {' / '.join(sorted({_type_name(a) for a in args}))}"
+    return {type(None): "null", float: "a number", int: "an integer", bool: "true or false",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from texq.bns import BNStatsCollector, bns_loss
+from texq.bns import BNStatsCollector, bns_loss, concat
 from texq.config import DistillConfig
 from texq.models import get_info
 from texq.nn_utils import frozen
@@ -20,7 +20,7 @@ def distill_images(model: nn.Module, cfg: DistillConfig, device: torch.device | 
     gen = torch.Generator().manual_seed(seed)
     out = []
     with frozen(model.to(device)), BNStatsCollector(model) as bns:
-        running = bns.running()
+        running = concat(bns.running())
         n_batches = -(-cfg.num_images // cfg.batch_size)
         bar = progress_bar(n_batches * cfg.iters, "zeroq: distilling images", progress)
         for b in range(n_batches):
@@ -28,14 +28,15 @@ def distill_images(model: nn.Module, cfg: DistillConfig, device: torch.device | 
             x = torch.randn(size, 3, info.input_size, info.input_size, generator=gen).to(device)
             x.requires_grad_(True)
             opt = torch.optim.Adam([x], lr=cfg.lr)
-            for _ in range(cfg.iters):
+            for it in range(cfg.iters):
                 opt.zero_grad(set_to_none=True)
                 model(x)
-                loss = bns_loss(bns.collected(), running, norm=bns_norm)
+                loss = bns_loss(bns.stats_all(), running, norm=bns_norm)
                 loss.backward()
                 opt.step()
                 bar.update(1)
-                bar.set_postfix(bns=f"{loss.item():.3f}")
+                if it % 50 == 0 or it == cfg.iters - 1:  # a host sync: not at every step
+                    bar.set_postfix(bns=f"{loss.item():.3f}")
             out.append(x.detach())
         bar.close()
     return torch.cat(out)

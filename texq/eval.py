@@ -67,11 +67,14 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256,
              device: torch.device | str | None = None, progress: bool = True,
              workers: int = 0) -> EvalResult:
-    """Accuracy of ``model`` on ``data`` (a Dataset of (image, label) or a DataLoader)."""
+    """Accuracy of ``model`` on ``data`` (a Dataset of (image, label) or a DataLoader), on
+    ``device`` (the model is moved there) or where the model lives."""
     loader = data if isinstance(data, DataLoader) else DataLoader(
         data, batch_size=batch_size, shuffle=False, num_workers=workers)
     if device is None:
         device = next(model.parameters()).device
+    else:
+        model.to(device)  # the model follows the requested device (in place, as nn.Module.to)
     was_training = model.training
     model.eval()
     correct = correct5 = n = 0

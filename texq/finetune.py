@@ -17,10 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from texq.bns import BNStatsCollector, LayerStats, bns_loss, distort, layer_weights, select_groups
+from texq.augment import random_resized_crop_flip
+from texq.bns import BNStatsCollector, LayerStats, bns_loss, concat, distort, layer_weights
 from texq.config import KD_REDUCTIONS, FinetuneConfig, GeneratorConfig
 from texq.generator import Generator
+from texq.graphs import GraphedStep, module_state
 from texq.mixup import mixup_samples
+from texq.models import get_info
 from texq.quant import set_observing
 
 
@@ -41,17 +44,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     return kl * (t * t)
 
 
-def augment(images: Tensor, scale: tuple[float, float] = (0.5, 1.0)) -> Tensor:
-    """Random resized crop (area ``scale``) and horizontal flip, drawn per image from torch's
-    global RNG (so a resumed run draws the same)."""
-    from torchvision.transforms import v2
-
-    size = images.shape[-1]
-    tf = v2.Compose([v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
-                     v2.RandomHorizontalFlip()])
-    return torch.stack([tf(img) for img in images])
-
-
 @dataclass
 class Sources:
     """Where Q's training images come from: G, a calibration set, and/or real batches."""
@@ -64,31 +56,52 @@ class Sources:
 
 
 class Finetuner:
-    """Holds F, Q, G and their optimisers; ``run_epoch`` trains one epoch."""
+    """Holds F, Q, G and their optimisers; ``run_epoch`` trains one epoch.
+
+    Each step's forward and backward pass is a function free of host syncs and of data-dependent
+    shapes; on CUDA it is replayed as a CUDA graph (``cuda_graphs``, texq.graphs) and the
+    optimizer steps run eagerly. Loss terms are summed on the device and read once per epoch.
+    """
 
     def __init__(self, fp: nn.Module, qmodel: nn.Module, sources: Sources, gcfg: GeneratorConfig,
-                 fcfg: FinetuneConfig, mkd: bool, device: torch.device, bns_norm: str = "mse"):
-        """Note: F's parameters are frozen (``requires_grad=False``) for good."""
+                 fcfg: FinetuneConfig, mkd: bool, device: torch.device, bns_norm: str = "mse",
+                 cuda_graphs: bool = True, rehearse: bool = False):
+        """Note: F's parameters are frozen (``requires_grad=False``) for good. ``rehearse``
+        (tests): run the graphs' warm-up and restore on any device, without capturing."""
         self.fp, self.q, self.src, self.gcfg, self.fcfg, self.mkd = fp, qmodel, sources, gcfg, fcfg, mkd
         self.bns_norm = bns_norm
-        self.device = device
+        self.device = torch.device(device)
         for p in fp.parameters():
             p.requires_grad_(False)
         fp.eval()
         self.q.eval()  # BN on running statistics, as GDFQ fine-tunes
+        # foreach: a few multi-tensor ops per step on every device (PyTorch's CUDA default)
         self.opt_q = torch.optim.SGD(self.q.parameters(), lr=fcfg.lr, momentum=0.9, nesterov=True,
-                                     weight_decay=fcfg.weight_decay)
+                                     weight_decay=fcfg.weight_decay, foreach=True)
         self.sched_q = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.opt_q, T_max=max(1, fcfg.epochs * fcfg.iters_per_epoch))
         g = sources.generator
         if g is not None:
-            g.to(device).train()
-            self.opt_g = torch.optim.Adam(g.parameters(), lr=gcfg.lr, betas=(gcfg.beta1, gcfg.beta2))
+            g.to(self.device).train()
+            self.opt_g = torch.optim.Adam(g.parameters(), lr=gcfg.lr, betas=(gcfg.beta1, gcfg.beta2),
+                                          foreach=True)
             self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, gcfg.lr_step_epochs,
                                                            gcfg.lr_gamma)
         self.bns = BNStatsCollector(fp)
+        self.running = concat(self.bns.running())  # F is frozen: its running statistics are constant
+        self.centers = concat(sources.centers) if sources.centers is not None else None
+        self.num_classes = get_info(fp).num_classes
         self.center_weights = layer_weights(len(self.bns.layers), gcfg.shallow_weight, gcfg.deep_weight)
         self.total_epochs = fcfg.warmup_epochs + fcfg.epochs
+        self.use_centers = sources.centers is not None and bool(gcfg.alpha4 or gcfg.alpha5)
+        self.g_terms = (["g_ce", "g_bns"] + (["g_lbns", "g_dbns"] if self.use_centers else [])
+                        if g is not None else [])
+        self.q_terms = ["q_ce", "q_kd", "q_mixed"]
+        state = module_state(g, qmodel)
+        self._g_step = (GraphedStep(self._generator_pass, self.device, list(g.parameters()), state,
+                                    cuda_graphs, rehearse=rehearse) if g is not None else None)
+        self._q_step = GraphedStep(self._quant_pass, self.device, list(qmodel.parameters()), state,
+                                   cuda_graphs, rehearse=rehearse)
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -108,98 +121,128 @@ class Finetuner:
             self.opt_g.load_state_dict(state["opt_g"])
             self.sched_g.load_state_dict(state["sched_g"])
 
-    # ------------------------------------------------------------------------------ steps
-    def generator_step(self) -> tuple[Tensor, Tensor, dict]:
-        """One step of G on Eq. 12; returns the (detached) batch and its labels."""
+    # ------------------------------------------------------------------------------ losses
+    def generator_loss(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eq. 12 on a fresh batch of G: (loss, images, labels, the terms as a (T,) tensor in
+        ``g_terms`` order). ``CE + a3 L_BNS (batch vs F's running stats) + a4 L_L-BNS (per class
+        vs its center, Eq. 8) + a5 L_D-BNS (per class vs its distorted center, Eq. 11)``."""
         g, cfg = self.src.generator, self.gcfg
         x, y = g.sample(self.fcfg.batch_size, self.device)
         with self.bns:
-            self.bns.groups = y
+            self.bns.set_groups(y, self.num_classes)
             logits = self.fp(x)
-        grouped = self.bns.collected()
+        grouped = self.bns.stats_all()  # every BN layer side by side, per class
         l_ce = F.cross_entropy(logits, y)
-        l_bns = bns_loss([s.pooled() for s in grouped], self.bns.running(), norm=self.bns_norm)
+        l_bns = bns_loss(grouped.pooled(), self.running, norm=self.bns_norm)
         loss = l_ce + cfg.alpha3 * l_bns
-        terms = {"g_ce": l_ce.item(), "g_bns": l_bns.item()}
-        if self.src.centers is not None and (cfg.alpha4 or cfg.alpha5):
-            stats = [s.of_groups() for s in grouped]
-            centers = select_groups(self.src.centers, grouped)
+        terms = [l_ce, l_bns]
+        if self.use_centers:
+            stats = grouped.of_groups()  # classes absent from the batch are left out
+            centers = self.centers
             l_lbns = bns_loss(stats, centers, self.center_weights, self.bns_norm)
             l_dbns = bns_loss(stats, distort(centers, cfg.nu_mu, cfg.nu_sigma), self.center_weights,
                               self.bns_norm)
             loss = loss + cfg.alpha4 * l_lbns + cfg.alpha5 * l_dbns
-            terms.update(g_lbns=l_lbns.item(), g_dbns=l_dbns.item())
-        self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_g.step()
-        return x.detach(), y, terms
+            terms += [l_lbns, l_dbns]
+        return loss, x, y, torch.stack(terms).detach()
+
+    def quant_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. 14 over ``x`` plus calibration images: (loss, terms in ``q_terms`` order).
+
+        ``CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix))``. Fixed shapes: Q scores the n samples and
+        their n mixes (Eq. 9; an unmixed sample is its own mix, the same input as in the CE
+        forward, so the KD term is that of mixing only the drawn ones); without MKD the KD term is
+        on x itself."""
+        extra = self._calib_batch()
+        if extra is not None:
+            x, y = torch.cat([x, extra[0]]), torch.cat([y, extra[1]])
+        n = len(x)
+        if self.mkd:
+            x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
+            out = self.q(torch.cat([x, x_mix]))  # eval-mode Q, frozen ranges: samples independent
+            student, kd_in = out[n:], x_mix
+        else:
+            out = self.q(x)
+            mixed = torch.zeros(n, dtype=torch.bool, device=x.device)
+            student, kd_in = out, x
+        with torch.no_grad():
+            teacher = self.fp(kd_in)
+        l_ce = F.cross_entropy(out[:n], y)
+        l_kd = kd_loss(student, teacher, self.fcfg.kd_temperature, self.fcfg.kd_reduction)
+        loss = l_ce + self.fcfg.alpha6 * l_kd
+        return loss, torch.stack([l_ce, l_kd, mixed.sum().to(l_ce.dtype)]).detach()
 
     def _calib_batch(self) -> tuple[Tensor, Tensor] | None:
+        """``calib_per_batch`` calibration images drawn without replacement (on the device),
+        randomly resized-cropped and flipped when ``calib_augment``."""
         imgs = self.src.calib_images
         if imgs is None or self.fcfg.calib_per_batch <= 0:
             return None
         n = min(self.fcfg.calib_per_batch, len(imgs))
-        idx = torch.randperm(len(imgs))[:n]
+        idx = torch.rand(len(imgs), device=imgs.device).argsort()[:n]
         x = imgs[idx]
         if self.fcfg.calib_augment:
-            x = augment(x, self.fcfg.calib_crop_scale)
+            x = random_resized_crop_flip(x, self.fcfg.calib_crop_scale)
         return x, self.src.calib_labels[idx]
 
-    def quant_step(self, x: Tensor, y: Tensor) -> dict:
-        """One step of Q on Eq. 14 over ``x`` plus calibration images."""
-        extra = self._calib_batch()
-        if extra is not None:
-            x, y = torch.cat([x, extra[0].to(self.device)]), torch.cat([y, extra[1].to(self.device)])
-        n = len(x)
-        if self.mkd:
-            x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
-            inputs = torch.cat([x, x_mix[mixed]])  # unmixed samples are their own mix
-        else:
-            mixed, inputs = torch.zeros(n, dtype=torch.bool, device=x.device), x
-        out = self.q(inputs)  # eval-mode Q and frozen ranges: samples do not interact
-        with torch.no_grad():
-            teacher = self.fp(inputs)
-        student_mix, teacher_mix = out[:n].clone(), teacher[:n].clone()
-        student_mix[mixed], teacher_mix[mixed] = out[n:], teacher[n:]
-        l_ce = F.cross_entropy(out[:n], y)
-        l_kd = kd_loss(student_mix, teacher_mix, self.fcfg.kd_temperature, self.fcfg.kd_reduction)
-        loss = l_ce + self.fcfg.alpha6 * l_kd
-        self.opt_q.zero_grad(set_to_none=True)
+    # ------------------------------------------------------------------------------ steps
+    def _generator_pass(self) -> tuple[Tensor, Tensor, Tensor]:
+        loss, x, y, terms = self.generator_loss()
         loss.backward()
+        return x.detach(), y, terms
+
+    def _quant_pass(self, x: Tensor, y: Tensor) -> Tensor:
+        loss, terms = self.quant_loss(x, y)
+        loss.backward()
+        return terms
+
+    def generator_step(self) -> tuple[Tensor, Tensor, Tensor]:
+        """One step of G on Eq. 12; returns the (detached) batch, its labels and the terms."""
+        x, y, terms = self._g_step()
+        self.opt_g.step()
+        return x, y, terms
+
+    def quant_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One step of Q on Eq. 14 over ``x`` plus calibration images; returns the terms."""
+        terms = self._q_step(x, y)
         self.opt_q.step()
         self.sched_q.step()
-        return {"q_ce": l_ce.item(), "q_kd": l_kd.item(), "q_mixed": int(mixed.sum())}
+        return terms
 
     @torch.no_grad()
     def observe_step(self, x: Tensor) -> None:
         self.q(x)
 
     def run_epoch(self, epoch: int, bar=None) -> dict:
-        """Train one epoch (0-based); returns the mean of each loss term."""
+        """Train one epoch (0-based); returns the mean of each loss term (read from the device
+        once, at the end of the epoch)."""
         cfg = self.fcfg
         observing = epoch < cfg.act_calib_epochs
         training_q = epoch >= cfg.warmup_epochs
         set_observing(self.q, observing, reset=(epoch == 0))
-        sums: dict[str, float] = {}
+        names = self.g_terms + (self.q_terms if training_q else [])
+        sums = torch.zeros(len(names), device=self.device)
         for _ in range(cfg.iters_per_epoch):
-            terms: dict = {}
+            parts = []
             if self.src.generator is not None:
-                x, y, terms = self.generator_step()
+                x, y, g_terms = self.generator_step()
+                parts.append(g_terms)
             else:
                 x, y = next(self.src.real)
-                x, y = x.to(self.device), y.to(self.device)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if training_q:
-                terms.update(self.quant_step(x, y))
+                parts.append(self.quant_step(x, y))
             elif observing:
                 self.observe_step(x)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
+            if parts:
+                sums += torch.cat(parts)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items() if k != "q_mixed"})
         set_observing(self.q, False)
         if self.src.generator is not None:
             self.sched_g.step()
-        means = {k: v / cfg.iters_per_epoch for k, v in sums.items()}
+        means = dict(zip(names, (sums / cfg.iters_per_epoch).tolist()))
+        if bar is not None and means:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k != "q_mixed"})
         return {"epoch": epoch, "phase": "joint" if training_q else "warmup",
                 "lr_q": self.opt_q.param_groups[0]["lr"], **means}

@@ -81,9 +81,11 @@ class Generator(nn.Module):
         h = F.leaky_relu(self._bn(self.bn2, self.conv2(h), labels), 0.2)
         return self.out_bn(torch.tanh(self.conv3(h)))
 
-    def sample(self, n: int, device: torch.device | str = "cpu",
+    def sample(self, n: int, device: torch.device | str | None = None,
                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Uniform random labels and their images."""
-        z = torch.randn(n, self.latent_dim, generator=generator).to(device)
-        labels = torch.randint(0, self.num_classes, (n,), generator=generator).to(device)
+        """Uniform random labels and their images, drawn on ``device`` (default: where G lives;
+        ``generator``, if given, must live there too)."""
+        device = self.l1.weight.device if device is None else device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
         return self(z, labels), labels

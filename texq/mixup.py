@@ -13,9 +13,9 @@ def mixup_samples(x: Tensor, p: float, generator: torch.Generator | None = None
 
     Returns the mixed batch and the boolean mask of the samples that were mixed.
     """
-    n = x.shape[0]
-    mixed = torch.rand(n, generator=generator).to(x.device) < p
-    partner = torch.randint(0, n, (n,), generator=generator).to(x.device)
-    lam = torch.rand(n, generator=generator).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    n, dev = x.shape[0], x.device  # drawn where x lives (``generator`` too): no copies, no sync
+    mixed = torch.rand(n, generator=generator, device=dev) < p
+    partner = torch.randint(0, n, (n,), generator=generator, device=dev)
+    lam = torch.rand(n, generator=generator, device=dev).view(-1, *([1] * (x.dim() - 1)))
     blend = lam * x + (1 - lam) * x[partner]
     return torch.where(mixed.view(-1, *([1] * (x.dim() - 1))), blend, x), mixed

@@ -28,6 +28,7 @@ from texq.artifacts import (load_calibration, save_calibration, save_quantized, 
 from texq.calibration import synthesize
 from texq.config import RunConfig
 from texq.data import load_eval_data
+from texq.device import memory_format, resolve_device, set_numerics
 from texq.distill import distill_images
 from texq.errors import ConfigError
 from texq.eval import evaluate
@@ -39,16 +40,6 @@ from texq.quant import calibrate, quantize
 from texq.texture import dominant_count, dominant_set, texture_energy
 
 log = logging.getLogger("texq")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"device={name!r}: expected auto, cpu or cuda")
-    return torch.device(name)
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -119,20 +110,17 @@ def synthesize_stage(cfg: RunConfig, fp_model, dest: Path, progress: bool = True
     """Step 1 (``texq``: calibration images and centers) or ZeroQ's distilled images -> ``dest``.
     Every random draw comes from a generator seeded with ``cfg.seed`` (the global RNG is untouched)."""
     device = resolve_device(cfg.device)
-    fp_model = fp_model.to(device, memory_format=_layout(cfg))
+    set_numerics(cfg.tf32)
+    fp_model = fp_model.to(device, memory_format=memory_format(cfg.channels_last, device, cfg.tf32))
     if cfg.method == "zeroq":
         images = distill_images(fp_model, cfg.distill, device, cfg.seed, progress, cfg.bns_norm)
         save_torch(dest, {"images": images.cpu()})
     elif cfg.method == "texq":
         calib = synthesize(fp_model, cfg.calibration, cfg.laws, cfg.layered_bns, device,
-                           cfg.seed, progress, cfg.bns_norm)
+                           cfg.seed, progress, cfg.bns_norm, cfg.cuda_graphs)
         save_calibration(dest, calib)
     else:
         raise ConfigError(f"method {cfg.method!r} has no step 1: no calibration set to synthesize")
-
-
-def _layout(cfg: RunConfig):
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
 def train_stage(cfg: RunConfig, fp_model, pre: Path, out: Path, work: Path,
@@ -143,8 +131,9 @@ def train_stage(cfg: RunConfig, fp_model, pre: Path, out: Path, work: Path,
     ``synthesize_stage`` for ``texq`` and ``zeroq``."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    set_numerics(cfg.tf32)
     info = fp_model.texq_info
-    layout = _layout(cfg)
+    layout = memory_format(cfg.channels_last, device, cfg.tf32)
     fp_model = fp_model.to(device, memory_format=layout)
     qmodel = quantize(fp_model, cfg.quant)
     if cfg.method == "zeroq":
@@ -164,7 +153,8 @@ def train_stage(cfg: RunConfig, fp_model, pre: Path, out: Path, work: Path,
     else:
         sources.generator = Generator.for_model(info, gcfg.latent_dim).to(device, memory_format=layout)
     mkd = cfg.mkd and cfg.method != "gdfq"
-    tuner = Finetuner(fp_model, qmodel, sources, gcfg, cfg.finetune, mkd, device, cfg.bns_norm)
+    tuner = Finetuner(fp_model, qmodel, sources, gcfg, cfg.finetune, mkd, device, cfg.bns_norm,
+                      cfg.cuda_graphs)
     prior = _train(tuner, cfg, work / "checkpoint.pt", out / "history.jsonl", progress)
     if sources.generator is not None:
         save_torch(out / "generator.pt", sources.generator.state_dict())
@@ -193,6 +183,7 @@ def evaluate_stage(cfg: RunConfig, fp_model, qmodel, eval_data, progress: bool =
     """Score the final quantized model (and F, unless its ``fp_top1`` on the same evaluation set
     is given) on the evaluation set (final score only)."""
     device = resolve_device(cfg.device)
+    set_numerics(cfg.tf32)
     result = evaluate(qmodel, eval_data, batch_size=batch_size, device=device, progress=progress)
     if fp_top1 is None:
         fp_top1 = evaluate(fp_model, eval_data, batch_size=batch_size, device=device,

@@ -13,6 +13,7 @@ gains, de-normalisation) is not in the paper: :class:`TextureConfig` holds each 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +63,21 @@ def laws_filters(filter_norm: str = "none") -> Tensor:
     return bank.unsqueeze(1)
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A (1, len, 1, 1) constant on ``device``, made once (no host-to-device copy per call, so
+    the texture loss can run inside a CUDA graph capture)."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _filters_on(filter_norm: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return laws_filters(filter_norm).to(device=device, dtype=dtype)
+
+
 def _to_unit_range(images: Tensor, mean, std) -> Tensor:
-    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    m = _constant(tuple(float(v) for v in mean), images.device, images.dtype)
+    s = _constant(tuple(float(v) for v in std), images.device, images.dtype)
     return images * s + m
 
 
@@ -80,10 +93,9 @@ def texture_energy(images: Tensor, cfg: TextureConfig = TextureConfig(), mean=No
             raise ConfigError("texture_energy(denormalize=True) needs the model's mean and std")
         x = _to_unit_range(x, mean, std)
     if cfg.color == "gray":
-        luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = (x * luma).sum(dim=1, keepdim=True)
+        x = (x * _constant(LUMA, x.device, x.dtype)).sum(dim=1, keepdim=True)
     n, c, h, w = x.shape
-    bank = laws_filters(cfg.filter_norm).to(x)
+    bank = _filters_on(cfg.filter_norm, x.device, x.dtype)
     resp = F.conv2d(x.reshape(n * c, 1, h, w), bank)  # (N*C, 16, H-4, W-4)
     energy = resp.square() if cfg.energy == "square" else resp.abs()
     e = energy.mean(dim=(2, 3)).reshape(n, c, -1).mean(dim=1)  # (N, 16)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from texq.config import (CalibrationConfig, DistillConfig, FinetuneConfig, GeneratorConfig,
-                         RunConfig, with_overrides)
+                         RunConfig, check_value, with_overrides)
 from texq.errors import ConfigError
 from texq.quant import QuantConfig
 
@@ -28,7 +28,8 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "quant": ("quant", QuantConfig),
 }
 RUN_KEYS = ("model", "checkpoint", "pretrained", "data", "train_data", "method", "w_bits", "a_bits",
-            "seed", "device", "laws", "layered_bns", "mkd", "bns_norm", "channels_last")
+            "seed", "device", "laws", "layered_bns", "mkd", "bns_norm", "channels_last",
+            "cuda_graphs", "tf32")
 EVALUATE_KEYS = ("batch_size",)
 NOT_IN_FILE = {"quant": ("w_bits", "a_bits")}  # one source of truth: run.w_bits / run.a_bits
 
@@ -48,27 +49,6 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     return params
 
 
-def _check_type(where: str, value: Any, default: Any) -> Any:
-    """``value`` if it has the type of ``default`` (ints pass as floats; lists as tuples)."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, tuple):
-        ok = isinstance(value, (list, tuple)) and len(value) == len(default)
-        value = tuple(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(f"{where}={value!r}: expected {type(default).__name__} like {default!r}")
-    return value
-
-
 def _section_overrides(where: str, section: Any, cls: type, prefix: str, skip=()) -> dict:
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys")
@@ -82,7 +62,7 @@ def _section_overrides(where: str, section: Any, cls: type, prefix: str, skip=()
         if is_dataclass(default):
             out.update(_section_overrides(f"{where}.{key}", value, type(default), f"{prefix}{key}."))
         elif value != AUTO:
-            out[f"{prefix}{key}"] = _check_type(f"{where}.{key}", value, default)
+            out[f"{prefix}{key}"] = check_value(f"{where}.{key}", value, get_type_hints(cls)[key])
     return out
 
 
@@ -114,8 +94,8 @@ def run_config(params: dict, source: str = "params.yaml") -> RunConfig:
         raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}")
     eval_batch_size(params, source)
     run = _keyed_section(params, "run", RUN_KEYS, source)
-    base = RunConfig.__dataclass_fields__
-    top = {k: _check_type(f"{source}: run.{k}", v, base[k].default) for k, v in run.items()}
+    hints = get_type_hints(RunConfig)
+    top = {k: check_value(f"{source}: run.{k}", v, hints[k]) for k, v in run.items()}
     try:
         cfg = RunConfig.for_profile(params.get("profile", "paper"), **top)
     except ConfigError as exc:

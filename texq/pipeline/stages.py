@@ -29,7 +29,8 @@ from texq.generator import Generator
 from texq.io import write_json
 from texq.models import create_model
 from texq.pipeline.params import eval_batch_size, load_params, run_config
-from texq.run import (evaluate_stage, fingerprint, resolve_device, synthesize_stage,
+from texq.device import resolve_device, set_numerics
+from texq.run import (evaluate_stage, fingerprint, synthesize_stage,
                       texture_report, train_stage)
 
 log = logging.getLogger("texq")
@@ -51,6 +52,7 @@ def teacher(params_file, out: Path, device: str = "auto", progress: bool = True)
     cfg, batch_size = _read(params_file, device)
     model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     data = load_eval_data(cfg.data, model.texq_info)
+    set_numerics(cfg.tf32)
     res = evaluate(model, data, batch_size=batch_size, device=resolve_device(device),
                    progress=progress)
     result = {**_teacher_source(cfg), **res.to_dict(), "per_class_top1": res.per_class_top1()}

@@ -82,10 +82,10 @@ def _weight_quant(bits: int, cfg: QuantConfig) -> nn.Module:
     return WeightQuantizer(bits, cfg.per_channel, cfg.integer_zero_point, cfg.ste)
 
 
-def _act_quant(bits: int, cfg: QuantConfig) -> nn.Module | None:
+def _act_quant(bits: int, cfg: QuantConfig, device: torch.device) -> nn.Module | None:
     if bits == FULL_PRECISION:
         return None
-    return ActQuantizer(bits, cfg.act_momentum, cfg.integer_zero_point, cfg.ste)
+    return ActQuantizer(bits, cfg.act_momentum, cfg.integer_zero_point, cfg.ste, device=device)
 
 
 def _fold_bn(model: nn.Module) -> nn.Module:
@@ -128,7 +128,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                 w_bits = cfg.first_layer_bits
             if not cfg.quantize_input:
                 a_bits = FULL_PRECISION
-        wq, aq = _weight_quant(w_bits, cfg), _act_quant(a_bits, cfg)
+        # every tensor texq adds lives where the layer lives (a model already on a GPU stays there)
+        wq, aq = _weight_quant(w_bits, cfg), _act_quant(a_bits, cfg, layer.weight.device)
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         qmodel.set_submodule(name, cls.from_float(layer, wq, aq))
     qmodel.texq_quant = cfg

@@ -77,6 +77,10 @@ def reference_fake_quantize(
     return dequantize_eq2(quantize_eq1(x, scale, zp, bits), scale, zp)
 
 
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def fake_quantize(
     x: Tensor,
     x_min: Tensor,
@@ -93,19 +97,17 @@ def fake_quantize(
     ``ste='clipped'``: the gradient is 1 where x falls inside the range and 0 where Eq. 1 clips;
     ``ste='identity'``: the gradient is 1 everywhere.
     """
-    scale, zp = scale_and_zero_point(x_min.float(), x_max.float(), bits, integer_zero_point)
-    step = (1.0 / scale).float()
+    scale, zp = scale_and_zero_point(_f32(x_min), _f32(x_max), bits, integer_zero_point)
+    step = scale.reciprocal()  # 1 / S, as ``1.0 / scale`` computes it
     # torch's per-channel kernel takes a float zero point as is (no rounding, no range check),
     # so the same op serves both zero-point modes; a per-tensor range is one "channel".
     if axis is None:
-        flat = x.reshape(1, -1)
         out = torch.fake_quantize_per_channel_affine(
-            flat, step.reshape(1), (-zp).reshape(1).float(), 0, 0, num_levels(bits) - 1
+            x.reshape(1, -1), step.reshape(1), zp.neg().reshape(1), 0, 0, num_levels(bits) - 1
         ).reshape(x.shape)
     else:
         out = torch.fake_quantize_per_channel_affine(
-            x, step.reshape(-1), (-zp).reshape(-1).float(), axis % x.dim(), 0, num_levels(bits) - 1
-        )
+            x, step, zp.neg(), axis % x.dim(), 0, num_levels(bits) - 1)
     if ste == "identity":
         return x + (out - x).detach()
     if ste != "clipped":
@@ -163,7 +165,8 @@ def static_fake_quantize(x: Tensor, p: StaticQParams, ste: str = "clipped") -> T
 
 def channel_min_max(w: Tensor, axis: int = 0) -> tuple[Tensor, Tensor]:
     """Per-channel min and max of ``w`` along every dimension but ``axis`` (no gradient)."""
-    flat = w.detach().transpose(0, axis).reshape(w.shape[axis], -1)
+    w = w.detach()
+    flat = w.flatten(1) if axis == 0 else w.transpose(0, axis).reshape(w.shape[axis], -1)
     lo, hi = torch.aminmax(flat, dim=1)
     return lo, hi
 

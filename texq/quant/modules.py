@@ -55,7 +55,7 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, momentum: float = 0.9, integer_zero_point: bool = True,
-                 ste: str = "clipped"):
+                 ste: str = "clipped", device: torch.device | str | None = None):
         super().__init__()
         self.bits = bits
         self.momentum = momentum
@@ -63,22 +63,19 @@ class ActQuantizer(nn.Module):
         self.ste = ste
         self.observing = False
         self._frozen: StaticQParams | None = None  # host-side copy of the frozen range
-        self.register_buffer("x_min", torch.zeros(()))
-        self.register_buffer("x_max", torch.zeros(()))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("x_min", torch.zeros((), device=device))
+        self.register_buffer("x_max", torch.zeros((), device=device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
+        """The first batch sets the range, later ones move it by EMA (no host sync)."""
         self._frozen = None
         lo, hi = tensor_min_max(x)
-        if not bool(self.initialized):
-            self.x_min.copy_(lo)
-            self.x_max.copy_(hi)
-            self.initialized.fill_(True)
-        else:
-            m = self.momentum
-            self.x_min.mul_(m).add_(lo * (1 - m))
-            self.x_max.mul_(m).add_(hi * (1 - m))
+        m = self.momentum
+        self.x_min.copy_(torch.where(self.initialized, self.x_min * m + lo * (1 - m), lo))
+        self.x_max.copy_(torch.where(self.initialized, self.x_max * m + hi * (1 - m), hi))
+        self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
