@@ -13,7 +13,9 @@ from torch.nn import functional as F
 
 from texq.bns import LayerStats, bn_layers, layer_weights
 from texq.config import RunConfig
+from texq.errors import ConfigError
 from texq.finetune import Finetuner, Sources, kd_loss
+from texq.graphs import GraphedStep
 from texq.generator import Generator
 from texq.mixup import mixup_samples
 from texq.models import create_model
@@ -92,12 +94,13 @@ def test_generator_loss_is_eq12_layer_by_layer_and_class_by_class(parts):
     assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-7)
 
 
-@pytest.mark.parametrize("mkd", [True, False])
-def test_quant_loss_is_eq14_on_separate_forward_passes(parts, mkd):
+@pytest.mark.parametrize("mkd, fixed", [(True, True), (True, False), (False, True)])
+def test_quant_loss_is_eq14_on_separate_forward_passes(parts, mkd, fixed):
     """CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix)) over the batch plus 4 calibration images, with
-    Q and F run on x and on x_mix separately: the fixed-shape batched form equals it, value and
-    gradient (an unmixed sample is its own mix)."""
+    Q and F run on x and on x_mix separately: both batched forms equal it, value and gradient
+    (an unmixed sample is its own mix)."""
     tuner = _tuner(parts, mkd=mkd, calib=True)
+    tuner.fixed_shapes = fixed  # all n mixes in one pass (CUDA graphs) or the m mixed ones only
     ft = tuner.fcfg
     x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
     torch.manual_seed(5)
@@ -140,3 +143,26 @@ def test_graph_warmup_leaves_no_trace(parts):
     (rows_a, state_a), (rows_b, state_b) = ends
     assert rows_a == rows_b
     assert all(torch.equal(a, b) for a, b in zip(state_a, state_b))
+
+
+def test_a_changed_capture_key_captures_again():
+    """What a capture bakes in (Q's quantizer modes and frozen ranges) is the step's key: when it
+    changes, or after reset() (a loaded checkpoint), the warm-up and capture run again."""
+    calls, mode = [], {"v": 0}
+    step = GraphedStep(lambda: calls.append(mode["v"]) or torch.zeros(()), "cpu", [], warmup=2,
+                       rehearse=True, key=lambda: mode["v"])
+    step(), step()
+    assert calls == [0, 0, 0, 0]  # two warm-up calls, then the two steps
+    mode["v"] = 1
+    step()
+    assert calls[4:] == [1, 1, 1]  # the key changed: warm-up (and capture) again
+    step.reset()
+    step()
+    assert calls[7:] == [1, 1, 1]
+
+
+def test_q_never_trains_on_moving_ranges(parts):
+    cfg = parts[0]
+    bad = replace(cfg.finetune, warmup_epochs=1, act_calib_epochs=2)
+    with pytest.raises(ConfigError, match="frozen activation ranges"):
+        Finetuner(parts[1], parts[2], Sources(), cfg.generator, bad, True, torch.device("cpu"))

@@ -76,13 +76,17 @@ def test_training_steps_run_on_meta(cpu_parts, mkd):
     src = Sources(generator=g, calib_images=calib.images.to(META),
                   calib_labels=calib.labels.to(META), centers=centers)
     ft = replace(cfg.finetune, batch_size=6, calib_per_batch=3)
-    tuner = Finetuner(fp_m, q_m, src, cfg.generator, ft, mkd, META)
+    tuner = Finetuner(fp_m, q_m, src, cfg.generator, ft, mkd, META, fixed_shapes=True)
     x, y, g_terms = tuner._generator_pass()
     assert x.device == META and g_terms.shape == (4,)
     assert all(p.grad is not None and p.grad.device == META for p in g.parameters())
     q_terms = tuner._quant_pass(x, y)
     assert q_terms.shape == (3,) and q_terms.device == META
     assert all(p.grad.device == META for p in q_m.parameters() if p.requires_grad)
+    if mkd:  # the variable-size batch (the mixed samples only) is what a capture cannot take
+        tuner.fixed_shapes = False
+        with pytest.raises(NotImplementedError, match="nonzero"):
+            tuner._quant_pass(x, y)
 
 
 def test_calibration_step_runs_on_meta():

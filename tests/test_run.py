@@ -138,8 +138,9 @@ def test_override_types_are_checked_up_front(key, value, message):
     assert message in str(exc.value)
     # ints pass as floats, lists as tuples, null where the setting allows it
     ok = with_overrides(cfg, {"finetune.alpha6": 7, "finetune.calib_crop_scale": [0.3, 1],
-                              "quant.first_layer_bits": None})
+                              "quant.first_layer_bits": None, "finetune.lr": "1e-5"})
     assert ok.finetune.alpha6 == 7.0 and isinstance(ok.finetune.alpha6, float)
+    assert ok.finetune.lr == 1e-5  # what YAML makes of --set finetune.lr=1e-5
     assert ok.finetune.calib_crop_scale == (0.3, 1.0)
 
 

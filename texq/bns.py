@@ -169,17 +169,19 @@ class BNStatsCollector:
 
     def stats_all(self) -> LayerStats | GroupedStats:
         """The last forward pass's statistics of all layers side by side: LayerStats, or
-        GroupedStats after ``set_groups``."""
+        GroupedStats after ``set_groups``. Read once per forward pass (it releases them)."""
         if any(s is None for s in self.samples):
             raise RuntimeError("no forward pass has been recorded yet")
         mean = torch.cat([m for m, _ in self.samples], 1)
         var = torch.cat([v for _, v in self.samples], 1)
+        self.samples = [None] * len(self.layers)  # read once per pass: hold no autograd graph
         if self.groups is None:
             return replace(batch_from_samples(mean, var), sizes=self.sizes)
         return replace(groups_from_samples(mean, var, self.groups, self.num_groups), sizes=self.sizes)
 
     def collected(self) -> list:
-        """The last forward pass's statistics, one LayerStats (or GroupedStats) per layer."""
+        """The last forward pass's statistics, one LayerStats (or GroupedStats) per layer (read
+        once per forward pass, as ``stats_all``)."""
         return self.stats_all().layers()
 
 
@@ -195,7 +197,7 @@ def layer_weights(num_layers: int, shallow: float, deep: float) -> list[float]:
     return [float(shallow if l < split else deep) for l in range(1, num_layers + 1)]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)  # a captured graph may read them for good: never evicted
 def _layer_constants(sizes: tuple[int, ...], weights: tuple[float, ...], norm: str,
                      device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(segment matrix (sum C, L), 1/C_l (L,), per-layer coefficients (L,)) on ``device``, made

@@ -120,7 +120,7 @@ def _optimise(model, bns, x, labels, first, classes, share, weights, running, cf
             for group in opt.param_groups:
                 group["lr"] = cfg.lr
         if laws_on not in steps:
-            steps[laws_on] = make_step(laws_on)
+            steps = {laws_on: make_step(laws_on)}  # the warm-up's graph is not needed again
         step, names = steps[laws_on]
         values = step()
         opt.step()

@@ -9,6 +9,7 @@ CIFAR-10), the setting it was tuned and measured with.
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -265,11 +266,20 @@ def check_value(key: str, value, hint):
         return tuple(check_value(key, v, a) for v, a in zip(value, args))
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    elif hint is float and isinstance(value, str) and _finite_number(value):
+        return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
     elif hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif hint in (bool, str) and isinstance(value, hint):
         return value
     raise ConfigError(f"{key}={value!r}: expected {_type_name(hint)}")
+
+
+def _finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _type_name(hint) -> str:

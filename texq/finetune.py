@@ -24,7 +24,8 @@ from texq.generator import Generator
 from texq.graphs import GraphedStep, module_state
 from texq.mixup import mixup_samples
 from texq.models import get_info
-from texq.quant import set_observing
+from texq.errors import ConfigError
+from texq.quant import act_quantizers, set_observing
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
@@ -65,12 +66,18 @@ class Finetuner:
 
     def __init__(self, fp: nn.Module, qmodel: nn.Module, sources: Sources, gcfg: GeneratorConfig,
                  fcfg: FinetuneConfig, mkd: bool, device: torch.device, bns_norm: str = "mse",
-                 cuda_graphs: bool = True, rehearse: bool = False):
+                 cuda_graphs: bool = True, rehearse: bool = False, fixed_shapes: bool | None = None):
         """Note: F's parameters are frozen (``requires_grad=False``) for good. ``rehearse``
-        (tests): run the graphs' warm-up and restore on any device, without capturing."""
+        (tests): run the graphs' warm-up and restore on any device, without capturing.
+        ``fixed_shapes`` (default: when steps are captured) selects Q's fixed-shape batch."""
+        if not 1 <= fcfg.act_calib_epochs <= fcfg.warmup_epochs:
+            raise ConfigError(f"act_calib_epochs={fcfg.act_calib_epochs} with warmup_epochs="
+                              f"{fcfg.warmup_epochs}: Q must train on frozen activation ranges")
         self.fp, self.q, self.src, self.gcfg, self.fcfg, self.mkd = fp, qmodel, sources, gcfg, fcfg, mkd
         self.bns_norm = bns_norm
         self.device = torch.device(device)
+        self.calib_images = None if sources.calib_images is None else sources.calib_images.to(self.device)
+        self.calib_labels = None if sources.calib_labels is None else sources.calib_labels.to(self.device)
         for p in fp.parameters():
             p.requires_grad_(False)
         fp.eval()
@@ -89,7 +96,8 @@ class Finetuner:
                                                            gcfg.lr_gamma)
         self.bns = BNStatsCollector(fp)
         self.running = concat(self.bns.running())  # F is frozen: its running statistics are constant
-        self.centers = concat(sources.centers) if sources.centers is not None else None
+        self.centers = None if sources.centers is None else concat(
+            [LayerStats(c.mean.to(self.device), c.var.to(self.device)) for c in sources.centers])
         self.num_classes = get_info(fp).num_classes
         self.center_weights = layer_weights(len(self.bns.layers), gcfg.shallow_weight, gcfg.deep_weight)
         self.total_epochs = fcfg.warmup_epochs + fcfg.epochs
@@ -100,8 +108,11 @@ class Finetuner:
         state = module_state(g, qmodel)
         self._g_step = (GraphedStep(self._generator_pass, self.device, list(g.parameters()), state,
                                     cuda_graphs, rehearse=rehearse) if g is not None else None)
+        # Q's graph bakes in its activation quantizers' mode and frozen ranges: a change recaptures
         self._q_step = GraphedStep(self._quant_pass, self.device, list(qmodel.parameters()), state,
-                                   cuda_graphs, rehearse=rehearse)
+                                   cuda_graphs, rehearse=rehearse, key=lambda: [
+                                       (a.observing, a._frozen) for a in act_quantizers(qmodel)])
+        self.fixed_shapes = self._q_step.capture if fixed_shapes is None else fixed_shapes
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -113,6 +124,9 @@ class Finetuner:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        for step in (self._g_step, self._q_step):
+            if step is not None:
+                step.reset()  # captured before the load: capture again
         self.q.load_state_dict(state["q"])
         self.opt_q.load_state_dict(state["opt_q"])
         self.sched_q.load_state_dict(state["sched_q"])
@@ -149,18 +163,26 @@ class Finetuner:
     def quant_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. 14 over ``x`` plus calibration images: (loss, terms in ``q_terms`` order).
 
-        ``CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix))``. Fixed shapes: Q scores the n samples and
-        their n mixes (Eq. 9; an unmixed sample is its own mix, the same input as in the CE
-        forward, so the KD term is that of mixing only the drawn ones); without MKD the KD term is
-        on x itself."""
+        ``CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix))``; an unmixed sample is its own mix (Eq. 9),
+        and Q runs in eval mode with frozen ranges, so samples do not interact. With
+        ``fixed_shapes`` (what a CUDA graph needs) Q scores the n samples and all n mixes;
+        otherwise the n samples and only the m mixed ones, the unmixed ones reusing the CE pass
+        (cheaper where nothing is captured; the same draws and the same maths). Without MKD the
+        KD term is on x itself."""
         extra = self._calib_batch()
         if extra is not None:
             x, y = torch.cat([x, extra[0]]), torch.cat([y, extra[1]])
         n = len(x)
-        if self.mkd:
+        if self.mkd and self.fixed_shapes:
             x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
-            out = self.q(torch.cat([x, x_mix]))  # eval-mode Q, frozen ranges: samples independent
+            out = self.q(torch.cat([x, x_mix]))
             student, kd_in = out[n:], x_mix
+        elif self.mkd:
+            x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
+            out = self.q(torch.cat([x, x_mix[mixed]]))
+            student = out[:n].clone()
+            student[mixed] = out[n:]
+            kd_in = x_mix
         else:
             out = self.q(x)
             mixed = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -175,7 +197,7 @@ class Finetuner:
     def _calib_batch(self) -> tuple[Tensor, Tensor] | None:
         """``calib_per_batch`` calibration images drawn without replacement (on the device),
         randomly resized-cropped and flipped when ``calib_augment``."""
-        imgs = self.src.calib_images
+        imgs = self.calib_images
         if imgs is None or self.fcfg.calib_per_batch <= 0:
             return None
         n = min(self.fcfg.calib_per_batch, len(imgs))
@@ -183,7 +205,7 @@ class Finetuner:
         x = imgs[idx]
         if self.fcfg.calib_augment:
             x = random_resized_crop_flip(x, self.fcfg.calib_crop_scale)
-        return x, self.src.calib_labels[idx]
+        return x, self.calib_labels[idx]
 
     # ------------------------------------------------------------------------------ steps
     def _generator_pass(self) -> tuple[Tensor, Tensor, Tensor]:

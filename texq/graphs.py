@@ -42,6 +42,8 @@ class GraphedStep:
     ``params``: the tensors whose ``.grad`` ``fn`` writes (their gradients are reset before each
     eager call and live in the graph's memory once captured: never set them to None afterwards).
     ``state``: a callable listing the tensors to restore after the warm-up calls.
+    ``key``: a callable returning the Python-side values a capture bakes in (modes, frozen
+    constants); when they change, the step is captured again. ``reset()`` forces that.
     On replay, tensor arguments are copied into the captured ones unless they are the same tensor
     (pass a previous graph's outputs to chain graphs without a copy). Outputs are overwritten by
     the next replay: consume them (or clone) before calling again.
@@ -49,8 +51,9 @@ class GraphedStep:
 
     def __init__(self, fn: Callable[..., object], device: torch.device, params: Sequence[Tensor],
                  state: Callable[[], list[Tensor]] = list, enabled: bool = True,
-                 warmup: int = 3, rehearse: bool = False):
+                 warmup: int = 3, rehearse: bool = False, key: Callable[[], object] = lambda: None):
         self.fn, self.device, self.params, self.state = fn, torch.device(device), list(params), state
+        self.key, self._key = key, None
         self.capture = enabled and self.device.type == "cuda"
         self.rehearse = rehearse and not self.capture
         self.warmup = warmup
@@ -63,7 +66,13 @@ class GraphedStep:
         for p in self.params:
             p.grad = None
 
+    def reset(self) -> None:
+        """Drop the capture (and the rehearsal): the next call captures afresh."""
+        self.graph, self.out, self.static_args, self._rehearsed = None, None, (), False
+
     def __call__(self, *args):
+        if (self.graph is not None or self._rehearsed) and self.key() != self._key:
+            self.reset()
         if self.capture:
             if self.graph is None:
                 self._capture(args)
@@ -75,7 +84,7 @@ class GraphedStep:
             return self.out
         if self.rehearse and not self._rehearsed:
             self._warm(args)
-            self._rehearsed = True
+            self._rehearsed, self._key = True, self.key()
         self._zero_grads()
         return self.fn(*args)
 
@@ -109,6 +118,7 @@ class GraphedStep:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = self.fn(*args)
         set_rng_state(rng, self.device)
+        self._key = self.key()
 
 
 def module_state(*modules: torch.nn.Module) -> Callable[[], list[Tensor]]:

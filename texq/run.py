@@ -43,9 +43,10 @@ log = logging.getLogger("texq")
 
 
 def fingerprint(cfg: RunConfig) -> str:
-    """What identifies a run's results (the device does not)."""
+    """What identifies a run's results (the device and the speed-only settings do not)."""
     d = cfg.to_dict()
-    d.pop("device")
+    for speed_only in ("device", "cuda_graphs", "channels_last"):  # same maths either way
+        d.pop(speed_only)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -63,14 +63,14 @@ def laws_filters(filter_norm: str = "none") -> Tensor:
     return bank.unsqueeze(1)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)  # never evicted: a captured CUDA graph may read them
 def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     """A (1, len, 1, 1) constant on ``device``, made once (no host-to-device copy per call, so
     the texture loss can run inside a CUDA graph capture)."""
     return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=None)
 def _filters_on(filter_norm: str, device: torch.device, dtype: torch.dtype) -> Tensor:
     return laws_filters(filter_norm).to(device=device, dtype=dtype)
 
