@@ -163,6 +163,6 @@ def test_a_changed_capture_key_captures_again():
 
 def test_q_never_trains_on_moving_ranges(parts):
     cfg = parts[0]
-    bad = replace(cfg.finetune, warmup_epochs=1, act_calib_epochs=2)
     with pytest.raises(ConfigError, match="frozen activation ranges"):
+        bad = replace(cfg.finetune, warmup_epochs=1, act_calib_epochs=2)
         Finetuner(parts[1], parts[2], Sources(), cfg.generator, bad, True, torch.device("cpu"))

@@ -36,9 +36,9 @@ class CalibrationSet:
 
 
 def calibration_loss(x: Tensor, logits: Tensor, labels: Tensor,
-                     stats: LayerStats | list[LayerStats], running: LayerStats | list[LayerStats], weights: Sequence[float] | None,
-                     cfg: CalibrationConfig, mean, std, use_laws: bool, bns_norm: str = "mse"
-                     ) -> tuple[Tensor, dict[str, Tensor]]:
+                     stats: LayerStats | list[LayerStats], running: LayerStats | list[LayerStats],
+                     weights: Sequence[float] | None, cfg: CalibrationConfig, mean, std,
+                     use_laws: bool, bns_norm: str = "mse") -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 10 with every term averaged over classes (see the module docstring); the terms are
     returned as detached 0-d tensors (no host sync)."""
     # each class's statistics against F's running ones

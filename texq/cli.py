@@ -26,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from texq.io import write_json
     from texq.models import create_model
     from texq.quant import FULL_PRECISION, QuantConfig, calibrate, quantize
-    from texq.device import resolve_device, set_numerics
+    from texq.device import use_device
 
     start = time.perf_counter()
     if args.checkpoint is None and not args.pretrained:
@@ -34,8 +34,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, per_channel=not args.per_tensor,
                       first_layer_bits=args.first_layer_bits, last_layer_bits=args.last_layer_bits,
                       fold_bn=args.fold_bn)
-    device = resolve_device(args.device)
-    set_numerics(tf32=False)  # float32 products on every device
+    device = use_device(args.device)  # float32 products on every device
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
     info = model.texq_info
     data = load_eval_data(args.data, info)

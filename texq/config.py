@@ -80,6 +80,13 @@ class FinetuneConfig:
     calib_augment: bool = True  # random resized crop + flip of calibration images (FDDA)
     calib_crop_scale: tuple[float, float] = (0.5, 1.0)  # crop area range: IntraQ's 0.5 for 32x32
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.act_calib_epochs <= self.warmup_epochs:
+            raise ConfigError(f"finetune.act_calib_epochs={self.act_calib_epochs} with warmup_epochs="
+                              f"{self.warmup_epochs}: expected 1 <= act_calib_epochs <= warmup_epochs "
+                              f"(ranges are observed during the warm-up; Q must train on frozen "
+                              f"activation ranges, which its CUDA graph bakes in)")
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -112,7 +119,7 @@ class RunConfig:
     bns_norm: str = "mse"  # BNS distance: the lineage's mean square ('mse') or Eq. 3's L2 ('l2')
     channels_last: bool | str = "auto"  # NHWC convolutions (speed only, same maths); auto: where faster (texq.device)
     cuda_graphs: bool = True  # on CUDA, replay each training step as one CUDA graph: speed only, same maths
-    tf32: bool = False  # TF32 CUDA convolutions/matmuls: faster, 10-bit-mantissa products (off: float32)
+    tf32: bool = False  # TF32 CUDA convolutions: faster, 10-bit-mantissa products (off: float32)
     quant: QuantConfig = field(default_factory=QuantConfig)  # quantizer options; bits from above
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -132,10 +139,6 @@ class RunConfig:
         if self.checkpoint is None and not self.pretrained:
             raise ConfigError("give the model's weights: checkpoint=PATH or pretrained=True")
         ft = self.finetune
-        if not 1 <= ft.act_calib_epochs <= ft.warmup_epochs:
-            raise ConfigError(f"finetune.act_calib_epochs={ft.act_calib_epochs} with warmup_epochs="
-                              f"{ft.warmup_epochs}: expected 1 <= act_calib_epochs <= warmup_epochs "
-                              f"(ranges are observed during the warm-up, then frozen before Q trains)")
         if ft.kd_reduction not in KD_REDUCTIONS:
             raise ConfigError(f"finetune.kd_reduction={ft.kd_reduction!r}: expected one of {KD_REDUCTIONS}")
         if self.channels_last not in (True, False, "auto"):

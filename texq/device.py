@@ -1,8 +1,8 @@
 """Where a run computes, and the numerics it allows there.
 
-``tf32`` off (the default) makes CUDA convolutions full float32 (matmuls always are): PyTorch's own default
-lets cuDNN convolutions use TF32 (10-bit mantissa products) on Ampere and newer GPUs, which would
-silently change the maths between a CPU and a GPU run. cuDNN is asked for deterministic algorithms
+``tf32`` off (the default) makes CUDA convolutions full float32 (matmuls always are): PyTorch's
+own default lets cuDNN convolutions use TF32 (10-bit mantissa products) on Ampere and newer GPUs,
+which would silently change the maths between a CPU and a GPU run. cuDNN is asked for deterministic algorithms
 so that the same seed on the same GPU gives the same run.
 """
 
@@ -43,3 +43,11 @@ def set_numerics(tf32: bool = False) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def use_device(name: str, tf32: bool = False) -> torch.device:
+    """``resolve_device(name)`` with the run's numerics set (``set_numerics(tf32)``): what every
+    entry point that computes calls first."""
+    device = resolve_device(name)
+    set_numerics(tf32)
+    return device

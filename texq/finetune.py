@@ -24,7 +24,6 @@ from texq.generator import Generator
 from texq.graphs import GraphedStep, module_state
 from texq.mixup import mixup_samples
 from texq.models import get_info
-from texq.errors import ConfigError
 from texq.quant import act_quantizers, set_observing
 
 
@@ -70,9 +69,6 @@ class Finetuner:
         """Note: F's parameters are frozen (``requires_grad=False``) for good. ``rehearse``
         (tests): run the graphs' warm-up and restore on any device, without capturing.
         ``fixed_shapes`` (default: when steps are captured) selects Q's fixed-shape batch."""
-        if not 1 <= fcfg.act_calib_epochs <= fcfg.warmup_epochs:
-            raise ConfigError(f"act_calib_epochs={fcfg.act_calib_epochs} with warmup_epochs="
-                              f"{fcfg.warmup_epochs}: Q must train on frozen activation ranges")
         self.fp, self.q, self.src, self.gcfg, self.fcfg, self.mkd = fp, qmodel, sources, gcfg, fcfg, mkd
         self.bns_norm = bns_norm
         self.device = torch.device(device)

@@ -19,6 +19,7 @@ check that warm-up leaves no trace.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -92,18 +93,15 @@ class GraphedStep:
         """Run ``fn`` ``warmup`` times, then restore ``state()`` and the RNG."""
         saved = [t.detach().clone() for t in self.state()]
         rng = rng_state(self.device)
-        if self.capture:
-            side = torch.cuda.Stream(self.device)
+        side = torch.cuda.Stream(self.device) if self.capture else None
+        if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self._zero_grads()
-                    self.fn(*args)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-        else:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for _ in range(self.warmup):
                 self._zero_grads()
                 self.fn(*args)
+        if side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.no_grad():
             for t, s in zip(self.state(), saved):
                 t.copy_(s)

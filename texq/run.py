@@ -28,7 +28,7 @@ from texq.artifacts import (load_calibration, save_calibration, save_quantized, 
 from texq.calibration import synthesize
 from texq.config import RunConfig
 from texq.data import load_eval_data
-from texq.device import memory_format, resolve_device, set_numerics
+from texq.device import memory_format, use_device
 from texq.distill import distill_images
 from texq.errors import ConfigError
 from texq.eval import evaluate
@@ -110,8 +110,7 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
 def synthesize_stage(cfg: RunConfig, fp_model, dest: Path, progress: bool = True) -> None:
     """Step 1 (``texq``: calibration images and centers) or ZeroQ's distilled images -> ``dest``.
     Every random draw comes from a generator seeded with ``cfg.seed`` (the global RNG is untouched)."""
-    device = resolve_device(cfg.device)
-    set_numerics(cfg.tf32)
+    device = use_device(cfg.device, cfg.tf32)
     fp_model = fp_model.to(device, memory_format=memory_format(cfg.channels_last, device, cfg.tf32))
     if cfg.method == "zeroq":
         images = distill_images(fp_model, cfg.distill, device, cfg.seed, progress, cfg.bns_norm)
@@ -131,8 +130,7 @@ def train_stage(cfg: RunConfig, fp_model, pre: Path, out: Path, work: Path,
     checkpoint goes to ``work`` (a rerun with the same ``work`` resumes). ``pre`` is the output of
     ``synthesize_stage`` for ``texq`` and ``zeroq``."""
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    set_numerics(cfg.tf32)
+    device = use_device(cfg.device, cfg.tf32)
     info = fp_model.texq_info
     layout = memory_format(cfg.channels_last, device, cfg.tf32)
     fp_model = fp_model.to(device, memory_format=layout)
@@ -183,8 +181,7 @@ def evaluate_stage(cfg: RunConfig, fp_model, qmodel, eval_data, progress: bool =
                    batch_size: int = 256, fp_top1: float | None = None) -> dict:
     """Score the final quantized model (and F, unless its ``fp_top1`` on the same evaluation set
     is given) on the evaluation set (final score only)."""
-    device = resolve_device(cfg.device)
-    set_numerics(cfg.tf32)
+    device = use_device(cfg.device, cfg.tf32)
     result = evaluate(qmodel, eval_data, batch_size=batch_size, device=device, progress=progress)
     if fp_top1 is None:
         fp_top1 = evaluate(fp_model, eval_data, batch_size=batch_size, device=device,

@@ -29,7 +29,7 @@ from texq.generator import Generator
 from texq.io import write_json
 from texq.models import create_model
 from texq.pipeline.params import eval_batch_size, load_params, run_config
-from texq.device import resolve_device, set_numerics
+from texq.device import use_device
 from texq.run import (evaluate_stage, fingerprint, synthesize_stage,
                       texture_report, train_stage)
 
@@ -52,8 +52,7 @@ def teacher(params_file, out: Path, device: str = "auto", progress: bool = True)
     cfg, batch_size = _read(params_file, device)
     model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     data = load_eval_data(cfg.data, model.texq_info)
-    set_numerics(cfg.tf32)
-    res = evaluate(model, data, batch_size=batch_size, device=resolve_device(device),
+    res = evaluate(model, data, batch_size=batch_size, device=use_device(cfg.device, cfg.tf32),
                    progress=progress)
     result = {**_teacher_source(cfg), **res.to_dict(), "per_class_top1": res.per_class_top1()}
     write_json(out / "teacher.json", result)
@@ -117,7 +116,7 @@ def evaluate_(params_file, out: Path, device: str = "auto", progress: bool = Tru
     data = load_eval_data(cfg.data, info)
     folder = out / "train"
     summary = json.loads((folder / "summary.json").read_text())
-    dev = resolve_device(device)
+    dev = use_device(cfg.device, cfg.tf32)
     qmodel = load_quantized(folder / "qmodel.pt").to(dev)
     metrics = evaluate_stage(cfg, fp_model.to(dev), qmodel, data, progress, batch_size,
                              fp_top1=_teacher_top1(out, cfg, len(data)))
