@@ -45,15 +45,9 @@ def _map(path: str, out: Path) -> Path:
 
 def params_subset(keys: list[str], params: dict, source: str = "params.yaml") -> dict[str, Any]:
     """{dotted key: value} for the keys a stage reads (a key may name a whole section)."""
-    subset = {}
-    for key in keys:
-        node: Any = params
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise TexqError(f"{source}: the stage reads {key!r}, which the file does not hold")
-            node = node[part]
-        subset[key] = node
-    return subset
+    from texq.keys import lookup
+
+    return {key: lookup(params, key, f"key (the stage reads it) of {source}") for key in keys}
 
 
 def content_hash(paths: list[Path]) -> str:

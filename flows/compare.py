@@ -1,6 +1,7 @@
 """``texq compare``: finished MLflow runs as the table users compare settings with.
 
-One row per method x bit widths x Table 3 switches x profile: top-1 mean +- std over the runs
+One row per method x bit widths x Table 3 switches (as applied: "n/a" where a method has no such
+module) x profile: top-1 mean +- std over the runs
 (seeds) and their number. Failed and unfinished runs are left out; grid parent runs too; a trained
 model scored more than once on the same data (``evaluate`` rerun alone) counts once, its latest
 score.
@@ -53,7 +54,8 @@ def to_markdown(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in table.to_dict(orient="records"):
         std = "" if pd.isna(r["top1_std"]) else f" +- {r['top1_std']:.2f}"
-        cells = [r["method"], f"W{r['w_bits']}A{r['a_bits']}", r["laws"], r["layered_bns"], r["mkd"],
+        switches = ["n/a" if r[k] in (None, "None") else r[k] for k in ("laws", "layered_bns", "mkd")]
+        cells = [r["method"], f"W{r['w_bits']}A{r['a_bits']}", *switches,
                  r["profile"], *(r[k] for k in extra), f"{r['top1_mean']:.2f}{std}", r["n"], r["seeds"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

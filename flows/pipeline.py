@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from flows.cache import may_use_cache, record, stage_inputs
 from flows.tracking import FLOW_RUN_ENV, PARENT_ENV, client, experiment_id
 from texq.errors import TexqError
+from texq.keys import assign
 from texq.pipeline import STAGES
 
 
@@ -35,14 +36,7 @@ def merged_params(base: str | Path, overrides: dict[str, Any]) -> dict:
 
     params = load_params(base)
     for key, value in overrides.items():
-        node, parts = params, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise TexqError(f"override {key!r}: {base} has no section {part!r}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise TexqError(f"override {key!r}: not a key of {base}")
-        node[parts[-1]] = value
+        assign(params, key, value, f"key of {base}")  # a key the file does not hold is refused
     run_config(params, f"{base} + {overrides}")
     return params
 
@@ -86,7 +80,7 @@ def stage(name: str, params_file: str, out: str, device: str = "auto",
 def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "params.yaml",
                   out: str = "runs/pipeline", device: str = "auto",
                   parent_run_id: str | None = None) -> dict:
-    """teacher -> calibrate -> train -> evaluate on ``base_params`` + ``overrides``; returns
+    """teacher -> synthesize -> train -> evaluate on ``base_params`` + ``overrides``; returns
     the evaluate stage's metrics. Outputs (and the params file used) go to ``out``."""
     log = get_run_logger()
     folder = Path(out)
@@ -115,11 +109,23 @@ def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "p
 
 
 def expand(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """{'run.w_bits': [3, 4], 'run.mkd': [True, False]} -> the 4 override dicts, in order."""
+    """{'w_bits,a_bits': [[3, 3], [4, 4]], 'mkd': [True, False]} -> the 4 override dicts, in
+    order. Each key is an axis; keys joined by commas are one axis whose values (lists of as many
+    items) set them together, e.g. the paper's W3A3 and W4A4 without W3A4 and W4A3."""
     if not grid or any(not isinstance(v, list) or not v for v in grid.values()):
         raise TexqError(f"grid {grid!r}: expected a mapping of params keys to non-empty lists")
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    axes = []
+    for axis, values in grid.items():
+        keys = [k.strip() for k in axis.split(",")]
+        if len(keys) == 1:
+            axes.append([{keys[0]: v} for v in values])
+            continue
+        bad = [v for v in values if not isinstance(v, list) or len(v) != len(keys)]
+        if bad:
+            raise TexqError(f"grid axis {axis!r}: each value must list {len(keys)} items (one per "
+                            f"key), got {bad[0]!r}")
+        axes.append([dict(zip(keys, v)) for v in values])
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
 
 
 def _name(combo: dict[str, Any]) -> str:

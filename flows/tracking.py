@@ -25,10 +25,6 @@ KEY_TAG = "texq.pipeline_key"
 TRAINED_TAG = "texq.trained_fingerprint"
 PARENT_ENV = "TEXQ_MLFLOW_PARENT_RUN"  # set by the grid flow: the child's parent run id
 FLOW_RUN_ENV = "TEXQ_PREFECT_FLOW_RUN"  # set by the Prefect flows: their flow-run id
-ALIASES = {  # short names users filter on in the MLflow UI
-    "alpha1": "calibration.alpha1", "alpha2": "calibration.alpha2", "alpha3": "generator.alpha3",
-    "alpha4": "generator.alpha4", "alpha5": "generator.alpha5", "alpha6": "finetune.alpha6",
-}
 
 
 def tracking_uri() -> str:
@@ -79,10 +75,11 @@ def experiment_id(c, name: str | None = None) -> str:
 
 
 def flat_params(cfg) -> dict[str, str]:
-    from texq.config import flatten
+    """The settings the run uses under their one dotted name (texq.methods.effective_settings: what
+    its method applies, None for a switch it has no module for, no section it never reads)."""
+    from texq.methods import effective_settings
 
-    flat = {k: v for k, v in flatten(cfg).items() if k != "device"}
-    flat.update({alias: flat[key] for alias, key in ALIASES.items()})
+    flat = {k: v for k, v in effective_settings(cfg).items() if k != "device"}
     return {k: str(v) for k, v in flat.items()}
 
 
@@ -172,7 +169,7 @@ def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, devic
                       progress: bool = True) -> dict:
     """``texq.pipeline.run_stage`` inside its pipeline run's MLflow run."""
     from texq.pipeline import run_stage
-    from texq.pipeline.stages import stage_config
+    from texq.pipeline.params import stage_config
 
     cfg = stage_config(params_file, device)
     with tracked_stage(name, params_file, out, cfg):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: the default pipeline (params.yaml: TexQ W4A4 on the CIFAR-10 ResNet-20, quick
-# profile, seed 0) with `dvc repro`: teacher -> calibrate -> train -> evaluate, each run tracked in
+# profile, seed 0) with `dvc repro`: teacher -> synthesize -> train -> evaluate, each run tracked in
 # MLflow (mlflow.db in the project root). About 10 minutes on a 2-core CPU; a rerun with nothing
 # changed does nothing. Extra arguments go to `dvc repro` (e.g. --force).
 # Offline, the model and images come from $TEXQ_ASSETS (default ../shared/assets, when present);

@@ -83,7 +83,7 @@ def tiny_params(tiny_setup, tmp_path_factory):
 
     params = load_params(ROOT / "params.yaml")
     params["profile"] = "tiny"
-    params["run"].update(model="resnet8_cifar10", checkpoint=str(ckpt), pretrained=False, data=str(data))
+    params.update(model="resnet8_cifar10", checkpoint=str(ckpt), pretrained=False, data=str(data))
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path

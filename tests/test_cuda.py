@@ -100,7 +100,7 @@ def test_teacher_stage_on_cuda_matches_the_cpu(tmp_path, shared_checkpoint, test
     from texq.pipeline import load_params, run_stage
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    params["run"].update(pretrained=False, checkpoint=str(shared_checkpoint), data=str(test1000))
+    params.update(pretrained=False, checkpoint=str(shared_checkpoint), data=str(test1000))
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     cpu = run_stage("teacher", path, tmp_path / "cpu", "cpu", progress=False)

@@ -166,3 +166,33 @@ def test_q_never_trains_on_moving_ranges(parts):
     with pytest.raises(ConfigError, match="frozen activation ranges"):
         bad = replace(cfg.finetune, warmup_epochs=1, act_calib_epochs=2)
         Finetuner(parts[1], parts[2], Sources(), cfg.generator, bad, True, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("at, observed", [("start", [0, 1]), ("end", [2, 3])])
+@pytest.mark.parametrize("inputs", ["generated", "batch"])
+def test_activation_ranges_are_observed_when_and_on_what_is_configured(parts, at, observed, inputs):
+    """``act_calib_at``: which warm-up epochs observe (ranges reset at the first of them and frozen
+    after); ``act_calib_inputs``: G's batch alone or with the calibration images Q trains on."""
+    tuner = _tuner(parts, calib=True)
+    tuner.fcfg = replace(tuner.fcfg, warmup_epochs=4, epochs=1, iters_per_epoch=2, act_calib_epochs=2,
+                         act_calib_at=at, act_calib_inputs=inputs)
+    assert [e for e in range(5) if tuner.fcfg.observes(e)] == observed
+    first = next(m for m in tuner.q.modules() if hasattr(m, "observing"))
+    sizes, ranges = [], []
+    hook = tuner.q.register_forward_pre_hook(
+        lambda m, i: sizes.append((first.observing, len(i[0]))))
+    for epoch in range(4):
+        tuner.run_epoch(epoch)
+        ranges.append((float(first.x_min), float(first.x_max)))
+    hook.remove()
+    batch = tuner.fcfg.batch_size + (tuner.fcfg.calib_per_batch if inputs == "batch" else 0)
+    assert sizes == [(True, batch)] * 4  # two iterations in each of the two observing epochs
+    moved = [e for e in range(1, 4) if ranges[e] != ranges[e - 1]]
+    assert moved == [e for e in observed if e > 0]  # frozen outside the observed epochs
+    assert all(not a.observing for a in tuner.q.modules() if hasattr(a, "observing"))
+
+
+def test_act_calib_settings_are_checked():
+    for key, value in (("act_calib_at", "middle"), ("act_calib_inputs", "calib")):
+        with pytest.raises(ConfigError, match=f"finetune.{key}='{value}'"):
+            replace(RunConfig.for_profile("tiny", checkpoint="x").finetune, **{key: value})

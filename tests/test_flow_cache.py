@@ -14,11 +14,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
 
 from flows.cache import content_hash, may_use_cache, params_subset, record, stage_inputs, stage_spec
 from texq.errors import TexqError
+from texq.keys import assign
 
 
 def test_stage_spec_reads_dvc_yaml():
     spec = stage_spec("train")
-    assert "run.w_bits" in spec["params"] and "train" in spec["params"]
+    assert {"w_bits", "finetune", "generator"} <= set(spec["params"]) and "train" not in spec["params"]
     assert "out/pipeline/step1.pt" in spec["deps"] and spec["outs"] == ["out/pipeline/train"]
     assert stage_spec("evaluate")["outs"] == ["out/pipeline/metrics.json"]
     with pytest.raises(TexqError, match="no stage 'fit'"):
@@ -26,28 +27,25 @@ def test_stage_spec_reads_dvc_yaml():
 
 
 def test_params_subset_takes_keys_and_sections():
-    params = {"run": {"w_bits": 4, "seed": 0}, "train": {"finetune": {"alpha6": 20}}}
-    assert params_subset(["run.w_bits", "train"], params) == {
-        "run.w_bits": 4, "train": {"finetune": {"alpha6": 20}}}
-    with pytest.raises(TexqError, match="'run.mkd'"):
-        params_subset(["run.mkd"], params)
+    params = {"w_bits": 4, "seed": 0, "finetune": {"alpha6": 20, "lr": 1e-4}}
+    assert params_subset(["w_bits", "finetune", "finetune.lr"], params) == {
+        "w_bits": 4, "finetune": {"alpha6": 20, "lr": 1e-4}, "finetune.lr": 1e-4}
+    with pytest.raises(TexqError, match="'mkd'"):
+        params_subset(["mkd"], params)
 
 
-def _edited(src: Path, dest: Path, section: str, key: str, value) -> Path:
+def _edited(src: Path, dest: Path, key: str, value) -> Path:
     params = yaml.safe_load(src.read_text())
-    node = params
-    for part in section.split("."):
-        node = node[part]
-    node[key] = value
+    assign(params, key, value)
     dest.write_text(yaml.safe_dump(params))
     return dest
 
 
 def test_a_key_changes_the_inputs_of_the_stages_that_read_it(tiny_params, tmp_path):
     out = tmp_path / "out"
-    base = {s: stage_inputs(s, tiny_params, out) for s in ("teacher", "calibrate", "train", "evaluate")}
-    alpha6 = _edited(tiny_params, tmp_path / "a.yaml", "train.finetune", "alpha6", 7.0)
-    batch = _edited(tiny_params, tmp_path / "b.yaml", "evaluate", "batch_size", 64)
+    base = {s: stage_inputs(s, tiny_params, out) for s in ("teacher", "synthesize", "train", "evaluate")}
+    alpha6 = _edited(tiny_params, tmp_path / "a.yaml", "finetune.alpha6", 7.0)
+    batch = _edited(tiny_params, tmp_path / "b.yaml", "evaluate.batch_size", 64)
     changed_a = {s for s in base if stage_inputs(s, alpha6, out) != base[s]}
     changed_b = {s for s in base if stage_inputs(s, batch, out) != base[s]}
     assert changed_a == {"train"}  # evaluate follows through train's outs (its deps hash)
@@ -107,6 +105,6 @@ def test_loss_curves_plot_each_history_column_per_epoch():
 def test_every_code_dep_in_dvc_yaml_exists():
     from flows.cache import ROOT
 
-    for name in ("teacher", "calibrate", "train", "evaluate"):
+    for name in ("teacher", "synthesize", "train", "evaluate"):
         for dep in stage_spec(name)["deps"]:
             assert dep.startswith("out/pipeline/") or (ROOT / dep).exists(), (name, dep)

@@ -95,13 +95,32 @@ def _cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
     return proc
 
 
+def test_grid_axes_and_overrides_are_checked_before_any_run(tiny_params):
+    from flows.pipeline import expand, merged_params
+    from texq.errors import TexqError
+
+    combos = expand({"w_bits,a_bits": [[3, 3], [4, 4]], "seed": [0, 1]})
+    assert combos == [{"w_bits": 3, "a_bits": 3, "seed": 0}, {"w_bits": 3, "a_bits": 3, "seed": 1},
+                      {"w_bits": 4, "a_bits": 4, "seed": 0}, {"w_bits": 4, "a_bits": 4, "seed": 1}]
+    with pytest.raises(TexqError, match="each value must list 2 items"):
+        expand({"w_bits,a_bits": [[3, 3], 4]})
+    with pytest.raises(TexqError, match="non-empty lists"):
+        expand({"seed": []})
+    params = merged_params(tiny_params, {"finetune.alpha6": 7.0, "w_bits": 3})  # --set's keys
+    assert params["finetune"]["alpha6"] == 7.0 and params["w_bits"] == 3
+    with pytest.raises(TexqError, match="'finetune.alpha7'"):
+        merged_params(tiny_params, {"finetune.alpha7": 1})
+    with pytest.raises(TexqError, match="alpha6='x': expected a number"):
+        merged_params(tiny_params, {"finetune.alpha6": "x"})
+
+
 def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, tmp_path):
     env, root, start = stack
     _cli(env, str(BIN / "prefect"), "work-pool", "create", "texq", "--type", "process")
     _cli(env, str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "texq-pipeline")
     workers = [start(f"worker{i}", str(BIN / "prefect"), "worker", "start", "--pool", "texq",
                      "--limit", "1") for i in range(2)]
-    grid = {"run.w_bits": [3, 4], "run.mkd": [True, False]}
+    grid = {"w_bits,a_bits": [[3, 3], [4, 4]], "mkd": [True, False]}  # W3A3 and W4A4
     code = ("import json, sys; from flows.pipeline import grid_search; "
             "rows = grid_search(grid=json.loads(sys.argv[1]), base_params=sys.argv[2], out=sys.argv[3], "
             "poll_seconds=2); print(json.dumps(rows))")
@@ -120,10 +139,10 @@ def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, 
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
-    assert {(r.data.params["w_bits"], r.data.params["mkd"]) for r in children} == {
-        ("3", "True"), ("3", "False"), ("4", "True"), ("4", "False")}
+    assert {(r.data.params["w_bits"], r.data.params["a_bits"], r.data.params["mkd"]) for r in children} == {
+        ("3", "3", "True"), ("3", "3", "False"), ("4", "4", "True"), ("4", "4", "False")}
     assert all(r.data.tags["prefect_flow_run_id"] for r in children)
-    assert all((tmp_path / "grid" / f"w_bits={b},mkd={m}" / "metrics.json").exists()
+    assert all((tmp_path / "grid" / f"w_bits={b},a_bits={b},mkd={m}" / "metrics.json").exists()
                for b in (3, 4) for m in (True, False))
     cmp = _cli(env, str(BIN / "texq"), "compare")
     assert json.loads(cmp.stdout.strip().splitlines()[-1])["rows"] == 4
@@ -147,9 +166,9 @@ def run(overrides):
             "tasks": {t.name: t.state.name for t in tasks}}
 
 rows = [run({}), run({})]
-rows.append(run({"train.finetune.alpha6": 7.0}))
+rows.append(run({"finetune.alpha6": 7.0}))
 Path(out, "metrics.json").unlink()
-rows.append(run({"train.finetune.alpha6": 7.0}))
+rows.append(run({"finetune.alpha6": 7.0}))
 print(json.dumps(rows))
 """
 
@@ -168,14 +187,14 @@ def test_pipeline_tasks_are_cached_by_inputs_and_library_logs_reach_the_server(s
     env, _, _ = stack
     proc = _cli(env, sys.executable, "-c", CACHE_SCRIPT, str(tiny_params), str(tmp_path / "p"), timeout=600)
     first, again, alpha6, lost = json.loads(proc.stdout.strip().splitlines()[-1])
-    stages = ("teacher", "calibrate", "train", "evaluate")
+    stages = ("teacher", "synthesize", "train", "evaluate")
     assert first["tasks"] == {s: "Completed" for s in stages}
     assert again["tasks"] == {s: "Cached" for s in stages} and again["top1"] == first["top1"]
     # a train key: train and evaluate run, the rest come from the cache
-    assert alpha6["tasks"] == {"teacher": "Cached", "calibrate": "Cached", "train": "Completed",
+    assert alpha6["tasks"] == {"teacher": "Cached", "synthesize": "Cached", "train": "Completed",
                                "evaluate": "Completed"}
     # an out deleted behind the cache's back: that stage runs again, its inputs being unchanged
-    assert lost["tasks"] == {"teacher": "Cached", "calibrate": "Cached", "train": "Cached",
+    assert lost["tasks"] == {"teacher": "Cached", "synthesize": "Cached", "train": "Cached",
                              "evaluate": "Completed"}
     assert (tmp_path / "p" / "metrics.json").exists() and lost["top1"] == alpha6["top1"]
     deadline = time.time() + 30  # logs are shipped in batches

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -18,37 +17,21 @@ import yaml
 from texq.config import RunConfig
 from texq.errors import ConfigError
 from texq.pipeline import load_params, run_config, run_stage
-from texq.pipeline.params import NOT_IN_FILE, RUN_KEYS, SECTIONS
+from texq.keys import flatten, leaves
+from texq.pipeline.params import NOT_IN_FILE
 from texq.run import fingerprint, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _keys(cls, skip=()) -> set[str]:
-    out = set()
-    defaults = cls()
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        value = getattr(defaults, f.name)
-        out |= {f"{f.name}.{k}" for k in _keys(type(value))} if is_dataclass(value) else {f.name}
-    return out
-
-
-def _flat(d: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-    return out
-
-
-def test_params_yaml_mirrors_every_config_field():
+def test_params_yaml_has_the_config_structure():
+    """Every setting of RunConfig, under its dotted name, and nothing else (but the pipeline's
+    evaluate section): one name per setting in the file, --set, grids and MLflow."""
     params = load_params(ROOT / "params.yaml")
-    assert set(params["run"]) == set(RUN_KEYS) - {"device"}  # the device is the machine's, not a param
-    for name, (_, cls) in SECTIONS.items():
-        head, _, sub = name.partition(".")
-        section = params[head][sub] if sub else params[head]
-        assert _flat(section) == _keys(cls, NOT_IN_FILE.get(name, ())), name
+    in_file = set(leaves({k: v for k, v in params.items() if k != "evaluate"}))
+    settings = set(flatten(RunConfig(checkpoint="x")))
+    assert in_file == settings - set(NOT_IN_FILE)
+    assert {"device", "quant.w_bits"} <= set(NOT_IN_FILE) and "finetune.alpha6" in in_file
 
 
 def test_auto_takes_the_profile_value_and_values_override():
@@ -57,27 +40,30 @@ def test_auto_takes_the_profile_value_and_values_override():
         cfg = run_config({**params, "profile": profile})
         ref = RunConfig.for_profile(profile, model=cfg.model, pretrained=True, data=cfg.data)
         assert fingerprint(cfg) == fingerprint(ref), profile  # params.yaml holds the defaults
-    params["train"]["finetune"]["alpha6"] = 10
-    params["calibrate"]["iters"] = 7
-    params["calibrate"]["laws"]["theta_u"] = 0.25
+    params["finetune"]["alpha6"] = 10
+    params["calibration"]["iters"] = 7
+    params["calibration"]["laws"]["theta_u"] = 0.25
     cfg = run_config(params)
     assert (cfg.finetune.alpha6, cfg.calibration.iters, cfg.calibration.laws.theta_u) == (10.0, 7, 0.25)
     assert cfg.finetune.epochs == 8  # still the quick profile's
     # keys valid only together are checked together (not one at a time, in file order)
     paper = {**params, "profile": "paper"}
-    paper["train"]["finetune"].update(act_calib_epochs=1, warmup_epochs=2)
+    paper["finetune"].update(act_calib_epochs=1, warmup_epochs=2)
     cfg = run_config(paper)
     assert (cfg.finetune.warmup_epochs, cfg.finetune.act_calib_epochs) == (2, 1)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda p: p["train"]["finetune"].update(alpha7=1), "train.finetune.alpha7: unknown key"),
-    (lambda p: p["calibrate"].update(iters="many"), "calibrate.iters='many': expected an integer"),
-    (lambda p: p["run"].update(w_bits=9), "w_bits"),
+    (lambda p: p["finetune"].update(alpha7=1), "unknown config key 'finetune.alpha7'"),
+    (lambda p: p["calibration"].update(iters="many"), "calibration.iters='many': expected an integer"),
+    (lambda p: p.update(w_bits=9), "w_bits"),
     (lambda p: p.update(profile="fast"), "profile='fast'"),
-    (lambda p: p.update(stages={}), "unknown section(s) stages"),
-    (lambda p: p["run"].update(gpu=1), "run.gpu: unknown key"),
-    (lambda p: p["train"]["finetune"].update(mixup_p=True), "mixup_p=True: expected a number"),
+    (lambda p: p.update(stages={}), "unknown config key 'stages'"),
+    (lambda p: p.update(gpu=1), "unknown config key 'gpu'"),
+    (lambda p: p.update(device="cuda"), "device: not a params.yaml key"),
+    (lambda p: p["quant"].update(w_bits=3), "quant.w_bits: not a params.yaml key"),
+    (lambda p: p.update(finetune=3), "config key 'finetune' is a section"),
+    (lambda p: p["finetune"].update(mixup_p=True), "mixup_p=True: expected a number"),
     (lambda p: p["evaluate"].update(batch_sise=64), "evaluate.batch_sise: unknown key"),
     (lambda p: p["evaluate"].update(batch_size=0), "evaluate.batch_size=0: expected a positive integer"),
     (lambda p: p["evaluate"].update(batch_size="big"), "evaluate.batch_size='big'"),
@@ -100,7 +86,7 @@ def test_missing_or_broken_params_file(tmp_path):
 
 def test_stages_give_the_result_of_texq_run(tiny_params, tmp_path):
     out = tmp_path / "pipe"
-    for name in ("teacher", "calibrate", "train", "evaluate"):
+    for name in ("teacher", "synthesize", "train", "evaluate"):
         run_stage(name, tiny_params, out, device="cpu", progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     teacher = json.loads((out / "teacher.json").read_text())
@@ -119,7 +105,7 @@ def test_stages_give_the_result_of_texq_run(tiny_params, tmp_path):
 
 def test_evaluate_reuses_the_teacher_score_only_for_the_same_model_and_data(tiny_params, tmp_path):
     out = tmp_path / "pipe"
-    for name in ("teacher", "calibrate", "train", "evaluate"):
+    for name in ("teacher", "synthesize", "train", "evaluate"):
         run_stage(name, tiny_params, out, device="cpu", progress=False)
     teacher = json.loads((out / "teacher.json").read_text())
     real_fp = json.loads((out / "metrics.json").read_text())["fp_top1"]
@@ -142,7 +128,7 @@ def _dvc(args: list[str], cwd: Path, env: dict) -> str:
 
 
 def _ran(output: str) -> set[str]:
-    return {s for s in ("teacher", "calibrate", "train", "evaluate") if f"Running stage '{s}'" in output}
+    return {s for s in ("teacher", "synthesize", "train", "evaluate") if f"Running stage '{s}'" in output}
 
 
 BIN = Path(sys.executable).parent
@@ -186,15 +172,16 @@ NEEDS_PIPELINE = pytest.mark.skipif(
 @NEEDS_PIPELINE
 def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp_path):
     repo, env, git = _pipeline_repo(tiny_params, tmp_path)
-    assert _ran(_dvc(["repro"], repo, env)) == {"teacher", "calibrate", "train", "evaluate"}
+    assert _ran(_dvc(["repro"], repo, env)) == {"teacher", "synthesize", "train", "evaluate"}
     metrics = json.loads((repo / "out" / "pipeline" / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["method"] == "texq"
     assert _ran(_dvc(["repro"], repo, env)) == set()  # nothing changed: nothing runs
     c, runs = _mlflow_runs(env)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
-    assert {f"alpha{i}" for i in range(1, 7)} <= set(run.data.params)
-    assert run.data.params["alpha6"] == "20.0" and run.data.params["profile"] == "tiny"
+    assert {"calibration.alpha1", "generator.alpha5", "finetune.alpha6"} <= set(run.data.params)
+    assert "alpha6" not in run.data.params  # one name per setting
+    assert run.data.params["finetune.alpha6"] == "20.0" and run.data.params["profile"] == "tiny"
     assert run.data.metrics["top1"] == metrics["top1"] and "q_kd" in run.data.metrics
     assert len(c.get_metric_history(run.info.run_id, "g_ce")) == 3  # one point per epoch (1 + 2)
     assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"metrics.json", "teacher.json", "train"}
@@ -202,15 +189,15 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert (tmp_path / "mlartifacts").is_dir() and not (repo / "mlruns").exists()  # beside the db
     git("add", "-A")
     git("commit", "-qm", "lock")
-    out = _dvc(["exp", "run", "-S", "train.finetune.alpha6=10"], repo, env)
+    out = _dvc(["exp", "run", "-S", "finetune.alpha6=10"], repo, env)  # texq run's --set key
     assert _ran(out) == {"train", "evaluate"}
-    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["finetune"]["alpha6"] == 10
+    assert yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["alpha6"] == 10
     _, runs = _mlflow_runs(env)
-    assert len(runs) == 2 and runs[1].data.params["alpha6"] == "10.0"
+    assert len(runs) == 2 and runs[1].data.params["finetune.alpha6"] == "10.0"
     assert runs[1].info.status == "FINISHED" and runs[1].data.tags["dvc_exp_name"]
     out = _dvc(["exp", "run", "-S", "evaluate.batch_size=8"], repo, env)
     assert _ran(out) == {"teacher", "evaluate"}
-    proc = subprocess.run([str(BIN / "texq"), "compare", "--by", "alpha6", "--out", str(tmp_path / "cmp")],
+    proc = subprocess.run([str(BIN / "texq"), "compare", "--by", "finetune.alpha6", "--out", str(tmp_path / "cmp")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -222,7 +209,7 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
 @NEEDS_PIPELINE
 def test_failed_stage_fails_repro_and_its_mlflow_run(tiny_params, tmp_path):
     def real_without_data(p):
-        p["run"].update(method="real", train_data=str(tmp_path / "missing.npz"))
+        p.update(method="real", train_data=str(tmp_path / "missing.npz"))
 
     repo, env, _ = _pipeline_repo(tiny_params, tmp_path, real_without_data)
     proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True,
@@ -244,18 +231,21 @@ def test_compare_table_groups_seeds_against_statistics():
     from flows.compare import GROUP, compare_table, to_markdown
 
     base = {"method": "texq", "w_bits": "4", "a_bits": "4", "laws": "True", "layered_bns": "True",
-            "mkd": "True", "profile": "quick", "alpha6": "20.0"}
+            "mkd": "True", "profile": "quick", "finetune.alpha6": "20.0"}
     rows = [{**base, "seed": str(s), "top1": t, "run_id": str(s)} for s, t in enumerate([91.2, 91.5, 91.6])]
     rows.append({**base, "mkd": "False", "seed": "0", "top1": 90.0, "run_id": "x"})
-    rows.append({**base, "alpha6": "10.0", "seed": "0", "top1": 89.0, "run_id": "y"})
+    rows.append({**base, "finetune.alpha6": "10.0", "seed": "0", "top1": 89.0, "run_id": "y"})
     table = compare_table(pd.DataFrame(rows))
     assert len(table) == 2  # alpha6 is not a grouping key unless asked
     full = table[table.mkd == "True"].iloc[0]
     assert full.n == 4 and full.top1_mean == pytest.approx(statistics.mean([91.2, 91.5, 91.6, 89.0]))
-    by = compare_table(pd.DataFrame(rows), ("alpha6",))
-    row = by[(by.mkd == "True") & (by.alpha6 == "20.0")].iloc[0]
+    by = compare_table(pd.DataFrame(rows), ("finetune.alpha6",))
+    row = by[(by.mkd == "True") & (by["finetune.alpha6"] == "20.0")].iloc[0]
     assert row.n == 3 and row.seeds == "0 1 2"
     assert row.top1_std == pytest.approx(statistics.stdev([91.2, 91.5, 91.6]))
-    md = to_markdown(by, ("alpha6",))
+    md = to_markdown(by, ("finetune.alpha6",))
     assert "| texq | W4A4 | True | True | True | quick | 20.0 | 91.43 +- 0.21 | 3 | 0 1 2 |" in md
     assert md.count("\n") == 1 + len(by) and set(GROUP) <= set(by.columns)
+    gdfq = {**base, "method": "gdfq", "laws": "None", "layered_bns": "None", "mkd": "False"}
+    md = to_markdown(compare_table(pd.DataFrame([{**gdfq, "seed": "0", "top1": 80.0, "run_id": "g"}])))
+    assert "| gdfq | W4A4 | n/a | n/a | False | quick | 80.00 | 1 | 0 |" in md  # switches as applied

@@ -12,11 +12,14 @@ import time
 import pytest
 import torch
 
-from texq.artifacts import load_quantized
+from texq.artifacts import load_calibration, load_quantized
+from texq.bns import layer_weights
 from texq.cli import main
-from texq.config import RunConfig, flatten, with_overrides
+from texq.config import RunConfig
+from texq.keys import flatten, with_overrides
 from texq.errors import ConfigError
 from texq.eval import evaluate
+from texq.models import create_model
 from texq.run import run
 
 
@@ -68,6 +71,29 @@ def test_baselines_run(tiny_setup, tmp_path, method):
     assert (tmp_path / "generator.pt").exists() == (method == "gdfq")
     if method == "zeroq":
         assert (tmp_path / "distilled.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
+    # what the run records is what it did: switches the method has no module for are None
+    applied = {"gdfq": (None, None, False), "zeroq": (None, None, None), "real": (None, None, True)}
+    assert (metrics["laws"], metrics["layered_bns"], metrics["mkd"]) == applied[method]
+    effective = json.loads((tmp_path / "config.json").read_text())["effective"]
+    assert effective["mkd"] == applied[method][2]
+    if method == "gdfq":  # GDFQ's own generator weights, plain KD: no mixed sample ever
+        assert (effective["generator.alpha3"], effective["generator.alpha5"]) == (0.1, 0.0)
+        assert not any(k.startswith(("calibration.", "distill.")) for k in effective)
+        rows = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+        assert all(r.get("q_mixed", 0) == 0 for r in rows) and "g_lbns" not in rows[-1]
+    if method == "real":  # mixup KD on real batches
+        rows = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+        assert sum(r.get("q_mixed", 0) for r in rows) > 0
+
+
+@pytest.mark.parametrize("method, switch", [("gdfq", "laws"), ("gdfq", "layered_bns"),
+                                            ("zeroq", "mkd"), ("zeroq", "laws"), ("real", "laws")])
+def test_a_switch_the_method_ignores_is_refused(method, switch):
+    with pytest.raises(ConfigError, match=f"{switch}=false with method '{method}'"):
+        RunConfig(method=method, checkpoint="x", train_data="t.npz", **{switch: False})
+    # what the method does anyway is no conflict: GDFQ's KD is plain, the real-data run has MKD
+    assert RunConfig(method="gdfq", checkpoint="x", mkd=False).mkd is False
+    assert RunConfig(method="real", checkpoint="x", train_data="t.npz", mkd=False).mkd is False
 
 
 def test_same_seed_same_result_and_switches(tiny_setup, tmp_path):
@@ -79,6 +105,42 @@ def test_same_seed_same_result_and_switches(tiny_setup, tmp_path):
     assert all(torch.equal(qa[k], qb[k]) for k in qa)
     c = run(tiny(tiny_setup, laws=False, layered_bns=False, mkd=False), tmp_path / "c", progress=False)
     assert (c["laws"], c["layered_bns"], c["mkd"]) == (False, False, False)
+    # each switch does what it says: L_LAWS enters step 1 after its warm-up only when on ...
+    hist_a = load_calibration(tmp_path / "a" / "calibration.pt").history
+    hist_c = load_calibration(tmp_path / "c" / "calibration.pt").history
+    assert "laws" not in hist_a[0] and "laws" in hist_a[-1] and all("laws" not in h for h in hist_c)
+    # ... step 1's BNS term weighs layers by Eq. 7's w_l, or all by 1 (Eq. 3) without layered BNS
+    fp = create_model("resnet8_cifar10", checkpoint=str(tiny_setup[0])).eval()
+    x0 = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # step 1's start
+    per_layer = _class_bns_per_layer(fp, x0)
+    w = layer_weights(len(per_layer), 0.2, 1.1)
+    layered = sum(wl * d for wl, d in zip(w, per_layer)) / len(per_layer)
+    plain = sum(per_layer) / len(per_layer)
+    assert hist_a[0]["bns"] == pytest.approx(layered, rel=1e-4)
+    assert hist_c[0]["bns"] == pytest.approx(plain, rel=1e-4) and abs(layered - plain) > 1e-3 * plain
+    # ... and without MKD no sample is ever mixed (the KD term is on the batch itself)
+    mixed = [[json.loads(l).get("q_mixed", 0) for l in (tmp_path / r / "history.jsonl").read_text().splitlines()]
+             for r in ("a", "c")]
+    assert sum(mixed[0]) > 0 and sum(mixed[1]) == 0
+
+
+def _class_bns_per_layer(fp, x) -> list[float]:
+    """Per layer, Eq. 3's mean-square distance of each image's (one image per class) BN-input
+    mean and variance to F's running statistics, averaged over the images."""
+    from texq.bns import bn_layers
+
+    inputs = []
+    hooks = [bn.register_forward_pre_hook(lambda m, i: inputs.append(i[0])) for bn in bn_layers(fp)]
+    with torch.no_grad():
+        fp(x)
+    for h in hooks:
+        h.remove()
+    out = []
+    for a, bn in zip(inputs, bn_layers(fp)):
+        mean, var = a.mean((2, 3)), a.var((2, 3), unbiased=False)
+        d = ((mean - bn.running_mean) ** 2).mean(1) + ((var - bn.running_var) ** 2).mean(1)
+        out.append(float(d.mean()))
+    return out
 
 
 def test_overrides_and_flatten():

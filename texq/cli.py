@@ -75,7 +75,8 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
-    from texq.config import RunConfig, with_overrides
+    from texq.config import RunConfig
+    from texq.keys import with_overrides
     from texq.run import run
 
     cfg = RunConfig.for_profile(
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="MLflow runs as a table: method x bits x switches -> top-1")
     c.add_argument("--experiment", default="texq", help="MLflow experiment (MLFLOW_TRACKING_URI)")
     c.add_argument("--out", help="also write compare.csv and compare.md into this folder")
-    c.add_argument("--by", nargs="+", metavar="PARAM", help="more params to group by, e.g. alpha6")
+    c.add_argument("--by", nargs="+", metavar="PARAM", help="more settings to group by, e.g. finetune.alpha6")
     c.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("models", help="list registered model names")

@@ -9,11 +9,10 @@ CIFAR-10), the setting it was tuned and measured with.
 
 from __future__ import annotations
 
-import math
-import types
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Union, get_args, get_origin, get_type_hints
 
 from texq.errors import ConfigError
 from texq.quant import QuantConfig, check_bits
@@ -22,6 +21,8 @@ from texq.texture import LawsLossConfig, TextureConfig
 METHODS = ("texq", "gdfq", "zeroq", "real")
 KD_REDUCTIONS = ("mean", "batchmean")  # KL over batch x classes (lineage) / per sample
 PROFILES = ("paper", "quick", "tiny")
+ACT_CALIB_AT = ("start", "end")  # the first / the last act_calib_epochs epochs of the warm-up
+ACT_CALIB_INPUTS = ("generated", "batch")  # G's samples / Q's batch (G's + calibration images)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ class FinetuneConfig:
     kd_temperature: float = 20.0  # softmax temperature of the KL term (lineage: T = 20, x T^2)
     kd_reduction: str = "mean"  # KL averaged over batch x classes, as the lineage's nn.KLDivLoss()
     mixup_p: float = 0.2  # probability that a sample is mixed, Eq. 9 (paper)
-    act_calib_epochs: int = 4  # activation ranges follow Q's inputs for these first epochs, then freeze
+    act_calib_epochs: int = 4  # activation ranges follow Q's inputs for this many warm-up epochs, then freeze
+    act_calib_at: str = "start"  # which warm-up epochs observe: the first (GDFQ's rule) or the last
+    act_calib_inputs: str = "generated"  # observe G's samples (GDFQ) or Q's training batch ("batch")
     calib_per_batch: int = 16  # calibration images added to each batch (FDDA uses 16)
     calib_augment: bool = True  # random resized crop + flip of calibration images (FDDA)
     calib_crop_scale: tuple[float, float] = (0.5, 1.0)  # crop area range: IntraQ's 0.5 for 32x32
@@ -86,6 +89,20 @@ class FinetuneConfig:
                               f"{self.warmup_epochs}: expected 1 <= act_calib_epochs <= warmup_epochs "
                               f"(ranges are observed during the warm-up; Q must train on frozen "
                               f"activation ranges, which its CUDA graph bakes in)")
+        if self.act_calib_at not in ACT_CALIB_AT:
+            raise ConfigError(f"finetune.act_calib_at={self.act_calib_at!r}: expected one of "
+                              f"{', '.join(ACT_CALIB_AT)}")
+        if self.act_calib_inputs not in ACT_CALIB_INPUTS:
+            raise ConfigError(f"finetune.act_calib_inputs={self.act_calib_inputs!r}: expected one of "
+                              f"{', '.join(ACT_CALIB_INPUTS)}")
+
+    def observes(self, epoch: int) -> bool:
+        """Whether activation ranges are observed in ``epoch`` (0-based; always a warm-up epoch)."""
+        first = self.first_observed_epoch()
+        return first <= epoch < first + self.act_calib_epochs
+
+    def first_observed_epoch(self) -> int:
+        return 0 if self.act_calib_at == "start" else self.warmup_epochs - self.act_calib_epochs
 
 
 @dataclass(frozen=True)
@@ -145,6 +162,9 @@ class RunConfig:
             raise ConfigError(f"channels_last={self.channels_last!r}: expected true, false or auto")
         if self.bns_norm not in ("mse", "l2"):
             raise ConfigError(f"bns_norm={self.bns_norm!r}: expected 'mse' or 'l2'")
+        from texq.methods import check_switches  # texq.methods builds on this module
+
+        check_switches(self)
         check_bits("w_bits", self.w_bits)
         check_bits("a_bits", self.a_bits)
         # the quantizer's bit widths are the run's (one source of truth for grids and logs)
@@ -203,93 +223,9 @@ PROFILE_STAGES: dict[str, dict] = {
 }
 
 
-def flatten(cfg, prefix: str = "") -> dict[str, object]:
-    """Nested dataclass -> {'finetune.alpha6': 20.0, ...} (for logs and experiment trackers)."""
-    out: dict[str, object] = {}
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        key = f"{prefix}{f.name}"
-        if is_dataclass(value):
-            out.update(flatten(value, key + "."))
-        else:
-            out[key] = value
-    return out
-
-
-def with_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
-    """Apply dotted-key overrides ({'finetune.alpha6': 10}) to a RunConfig.
-
-    Each key must name a setting and each value must have its type (a one-line ConfigError naming
-    the key otherwise, before any work starts); the result is validated once, after every
-    override is applied, so the order of the overrides never matters."""
-    tree = _tree(cfg)
-    for key, value in overrides.items():
-        node, owner, path = tree, cfg, key.split(".")
-        for i, part in enumerate(path):
-            names = {f.name for f in fields(owner)}
-            if part not in names:
-                raise ConfigError(f"unknown config key {key!r} (no {part!r} in "
-                                  f"{type(owner).__name__}: {', '.join(sorted(names))})")
-            child = getattr(owner, part)
-            if i == len(path) - 1:
-                if is_dataclass(child):
-                    raise ConfigError(f"config key {key!r} is a section: set one of its keys "
-                                      f"({', '.join(f.name for f in fields(child))})")
-                node[part] = check_value(key, value, get_type_hints(type(owner))[part])
-            else:
-                if not is_dataclass(child):
-                    raise ConfigError(f"unknown config key {key!r} ({part!r} is not a section)")
-                node, owner = node[part], child
-    return _build(cfg, tree)
-
-
-def _tree(obj) -> dict:
-    return {f.name: _tree(v) if is_dataclass(v := getattr(obj, f.name)) else v for f in fields(obj)}
-
-
-def _build(obj, tree: dict):
-    kwargs = {f.name: _build(v, tree[f.name]) if is_dataclass(v := getattr(obj, f.name))
-              else tree[f.name] for f in fields(obj)}
-    return type(obj)(**kwargs)
-
-
-def check_value(key: str, value, hint):
-    """``value`` converted to the annotated type ``hint`` (ints pass as floats, lists as tuples),
-    or a ConfigError naming ``key`` and the expected type."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return check_value(key, value, arg)
-            except ConfigError:
-                pass
-    elif origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
-        return tuple(check_value(key, v, a) for v, a in zip(value, args))
-    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif hint is float and isinstance(value, str) and _finite_number(value):
-        return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif hint in (bool, str) and isinstance(value, hint):
-        return value
-    raise ConfigError(f"{key}={value!r}: expected {_type_name(hint)}")
-
-
-def _finite_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
-def _type_name(hint) -> str:
-    args = get_args(hint)
-    if get_origin(hint) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if get_origin(hint) is tuple:
-        return f"a list of {len(args)} {' / '.join(sorted({_type_name(a) for a in args}))}"
-    return {type(None): "null", float: "a number", int: "an integer", bool: "true or false",
-            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+def fingerprint(cfg: RunConfig) -> str:
+    """What identifies a run's results (the device and the speed-only settings do not)."""
+    d = cfg.to_dict()
+    for speed_only in ("device", "cuda_graphs", "channels_last"):  # same maths either way
+        d.pop(speed_only)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -6,7 +6,8 @@ G takes a step on ``CE + a3 L_BNS + a4 L_L-BNS + a5 L_D-BNS``. After G's warm-up
 step on ``CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix))`` over the generated batch plus calibration
 images, where x_mix mixes samples only (Eq. 9). Q stays in eval mode (BatchNorm uses its running
 statistics, its affine parameters learn), as in GDFQ; its activation ranges follow its inputs during
-the first ``act_calib_epochs`` epochs, then freeze.
+``act_calib_epochs`` epochs of G's warm-up (the first ones, or the last with ``act_calib_at='end'``;
+G's samples, or Q's whole training batch with ``act_calib_inputs='batch'``), then freeze.
 """
 
 from __future__ import annotations
@@ -229,15 +230,21 @@ class Finetuner:
 
     @torch.no_grad()
     def observe_step(self, x: Tensor) -> None:
+        """Q's forward pass on ``x`` (G's batch), plus a calibration batch drawn and augmented as
+        for training when ``act_calib_inputs`` is 'batch': activation ranges see those inputs."""
+        if self.fcfg.act_calib_inputs == "batch":
+            extra = self._calib_batch()
+            if extra is not None:
+                x = torch.cat([x, extra[0]])
         self.q(x)
 
     def run_epoch(self, epoch: int, bar=None) -> dict:
         """Train one epoch (0-based); returns the mean of each loss term (read from the device
         once, at the end of the epoch)."""
         cfg = self.fcfg
-        observing = epoch < cfg.act_calib_epochs
+        observing = cfg.observes(epoch)
         training_q = epoch >= cfg.warmup_epochs
-        set_observing(self.q, observing, reset=(epoch == 0))
+        set_observing(self.q, observing, reset=(epoch == cfg.first_observed_epoch()))
         names = self.g_terms + (self.q_terms if training_q else [])
         sums = torch.zeros(len(names), device=self.device)
         for _ in range(cfg.iters_per_epoch):

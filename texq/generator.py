@@ -89,3 +89,10 @@ class Generator(nn.Module):
         z = torch.randn(n, self.latent_dim, generator=generator, device=device)
         labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
         return self(z, labels), labels
+
+    @torch.no_grad()
+    def training_samples(self, n: int, batch_size: int = 64) -> Tensor:
+        """``n`` images drawn as during training (train-mode BatchNorm: each batch of
+        ``batch_size`` is normalised by its own statistics), on the CPU. G stays in train mode."""
+        self.train()
+        return torch.cat([self.sample(min(batch_size, n - i))[0].cpu() for i in range(0, n, batch_size)])

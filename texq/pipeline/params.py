@@ -1,37 +1,31 @@
 """``params.yaml`` -> ``RunConfig``: the pipeline's configuration, checked key by key.
 
-The file mirrors ``RunConfig``: top-level ``profile``, a ``run`` section (model, data, method, bits,
-seed, Table 3 switches), ``quant`` (``QuantConfig`` without the bits), ``calibrate``
-(``CalibrationConfig``), ``train`` with ``generator`` and ``finetune`` (``GeneratorConfig``,
-``FinetuneConfig``), ``distill`` (``DistillConfig``) and ``evaluate``. A schedule key set to
-``auto`` takes the profile's value (``paper``, ``quick`` or ``tiny``); any other value overrides it.
+The file has ``RunConfig``'s structure: its top-level settings at the top level (``profile``,
+``model``, ``method``, ``w_bits``, ``seed``, the Table 3 switches, ...) and one section per stage
+config (``quant`` without the bits, ``calibration``, ``generator``, ``finetune``, ``distill``), plus
+the pipeline's own ``evaluate`` section. So a setting has one dotted key everywhere
+(``finetune.alpha6``, ``w_bits``: ``texq run --set``, ``dvc exp run -S``, grids, MLflow params).
+A key set to ``auto`` takes the profile's value (``paper``, ``quick`` or ``tiny``); any other value
+overrides it. The device is the machine's (``--device``), not a parameter.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import get_type_hints
 
-from texq.config import (CalibrationConfig, DistillConfig, FinetuneConfig, GeneratorConfig,
-                         RunConfig, check_value, with_overrides)
+from texq.config import RunConfig
 from texq.errors import ConfigError
-from texq.quant import QuantConfig
+from texq.keys import check_value, leaves, with_overrides
 
 AUTO = "auto"
-# params.yaml section -> the RunConfig field it configures
-SECTIONS: dict[str, tuple[str, type]] = {
-    "calibrate": ("calibration", CalibrationConfig),
-    "train.generator": ("generator", GeneratorConfig),
-    "train.finetune": ("finetune", FinetuneConfig),
-    "distill": ("distill", DistillConfig),
-    "quant": ("quant", QuantConfig),
-}
-RUN_KEYS = ("model", "checkpoint", "pretrained", "data", "train_data", "method", "w_bits", "a_bits",
-            "seed", "device", "laws", "layered_bns", "mkd", "bns_norm", "channels_last",
-            "cuda_graphs", "tf32")
+PIPELINE_SECTIONS = ("evaluate",)  # sections of the pipeline, not of RunConfig
 EVALUATE_KEYS = ("batch_size",)
-NOT_IN_FILE = {"quant": ("w_bits", "a_bits")}  # one source of truth: run.w_bits / run.a_bits
+NOT_IN_FILE = {"device": "the device is the machine's: give --device to the stage",
+               "quant.w_bits": "set the top-level w_bits (one source of truth for the bits)",
+               "quant.a_bits": "set the top-level a_bits (one source of truth for the bits)"}
+FIRST = ("model", "checkpoint", "pretrained")  # what a profile's defaults depend on or need
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
@@ -47,23 +41,6 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return params
-
-
-def _section_overrides(where: str, section: Any, cls: type, prefix: str, skip=()) -> dict:
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys")
-    defaults = cls()
-    names = {f.name for f in fields(cls)} - set(skip)
-    out: dict[str, Any] = {}
-    for key, value in section.items():
-        if key not in names:
-            raise ConfigError(f"{where}.{key}: unknown key (expected one of {', '.join(sorted(names))})")
-        default = getattr(defaults, key)
-        if is_dataclass(default):
-            out.update(_section_overrides(f"{where}.{key}", value, type(default), f"{prefix}{key}."))
-        elif value != AUTO:
-            out[f"{prefix}{key}"] = check_value(f"{where}.{key}", value, get_type_hints(cls)[key])
-    return out
 
 
 def _keyed_section(params: dict, name: str, keys: tuple[str, ...], source: str) -> dict:
@@ -87,29 +64,33 @@ def eval_batch_size(params: dict, source: str = "params.yaml") -> int:
 
 
 def run_config(params: dict, source: str = "params.yaml") -> RunConfig:
-    """The RunConfig that ``params`` (a parsed params.yaml) describes; errors name the key.
-    The ``evaluate`` section is checked here too (``eval_batch_size`` reads it)."""
-    unknown = set(params) - {"profile", "run", "train", "evaluate", *SECTIONS}
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}")
+    """The RunConfig that ``params`` (a parsed params.yaml) describes; errors name the file and
+    the key. The ``evaluate`` section is checked here too (``eval_batch_size`` reads it)."""
     eval_batch_size(params, source)
-    run = _keyed_section(params, "run", RUN_KEYS, source)
+    names = {f.name for f in fields(RunConfig)}
+    for key in sorted(set(params) - names - set(PIPELINE_SECTIONS)):  # empty sections too
+        raise ConfigError(f"{source}: unknown config key {key!r} (expected one of "
+                          f"{', '.join(sorted(names | set(PIPELINE_SECTIONS)))})")
+    flat = leaves({k: v for k, v in params.items() if k not in PIPELINE_SECTIONS})
+    for key, why in NOT_IN_FILE.items():
+        if key in flat:
+            raise ConfigError(f"{source}: {key}: not a params.yaml key ({why})")
+    flat = {k: v for k, v in flat.items() if v != AUTO}
     hints = get_type_hints(RunConfig)
-    top = {k: check_value(f"{source}: run.{k}", v, hints[k]) for k, v in run.items()}
+    first = {k: check_value(f"{source}: {k}", flat.pop(k), hints[k]) for k in FIRST if k in flat}
     try:
-        cfg = RunConfig.for_profile(params.get("profile", "paper"), **top)
+        cfg = RunConfig.for_profile(check_value("profile", flat.pop("profile", "paper"), str), **first)
+        return with_overrides(cfg, flat)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    overrides: dict[str, Any] = {}
-    train = params.get("train") or {}
-    if not isinstance(train, dict) or set(train) - {"generator", "finetune"}:
-        raise ConfigError(f"{source}: train: expected the subsections generator and finetune")
-    for name, (field_name, cls) in SECTIONS.items():
-        head, _, sub = name.partition(".")
-        section = (train.get(sub) if sub else params.get(head)) or {}
-        overrides.update(_section_overrides(f"{source}: {name}", section, cls, f"{field_name}.",
-                                            NOT_IN_FILE.get(name, ())))
-    try:
-        return with_overrides(cfg, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def read_stage_params(params_file: str | Path, device: str) -> tuple[RunConfig, int]:
+    """The stage's RunConfig and evaluation batch size, from one read of the params file."""
+    params = load_params(params_file)
+    cfg = replace(run_config(params, str(params_file)), device=device)
+    return cfg, eval_batch_size(params, str(params_file))
+
+
+def stage_config(params_file: str | Path, device: str = "auto") -> RunConfig:
+    return read_stage_params(params_file, device)[0]
