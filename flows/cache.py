@@ -31,7 +31,7 @@ def stage_spec(name: str, dvc_file: str | Path = ROOT / "dvc.yaml") -> dict:
         raise TexqError(f"{dvc_file}: no stage {name!r} (stages: {', '.join(stages)})")
     entry = stages[name]
     outs = [next(iter(o)) if isinstance(o, dict) else o
-            for key in ("outs", "metrics") for o in entry.get(key) or []]
+            for key in ("outs", "metrics", "plots") for o in entry.get(key) or []]
     return {"params": list(entry.get("params") or []), "deps": list(entry.get("deps") or []),
             "outs": outs}
 

@@ -93,12 +93,15 @@ def find_or_create_run(c, params_file: str | Path, cfg) -> str:
                           max_results=1)
     if found:
         return found[0].info.run_id
-    tags = {KEY_TAG: key, "git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+    # mlflow.source.*: the runs table's Source column and the run page's commit, as MLflow shows them
+    tags = {KEY_TAG: key, "mlflow.source.git.commit": git_commit(), "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": f"texq pipeline ({Path(params_file).name})",
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, ""),
             "method": cfg.method, "profile": cfg.profile}
     if os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
-    name = f"{cfg.method}-w{cfg.w_bits}a{cfg.a_bits}-s{cfg.seed}"
+    name = f"{cfg.method}-w{cfg.w_bits}a{cfg.a_bits}-s{cfg.seed}-{cfg.profile}"
     run = c.create_run(exp, tags=tags, run_name=name)
     items = [Param(k, v) for k, v in flat_params(cfg).items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -135,6 +138,9 @@ def log_outputs(c, run_id: str, stage: str, out: Path) -> None:
         r = json.loads((out / "metrics.json").read_text())
         for k in ("top1", "top5", "correct", "n", "fp_top1", "train_seconds"):
             metrics.append(Metric(k, float(r[k]), now, 0))
+        low, high = r["top1_ci95"]  # a 95% interval is two numbers: two metrics
+        metrics += [Metric("top1_ci95_low", float(low), now, 0), Metric("top1_ci95_high", float(high), now, 0)]
+        log_eval_dataset(c, run_id, r["data"], int(r["n"]))
         for group in ("texture", "texture_generated"):
             for k, v in (r.get(group) or {}).items():
                 metrics.append(Metric(f"{group}.{k}", float(v), now, 0))
@@ -147,6 +153,26 @@ def log_outputs(c, run_id: str, stage: str, out: Path) -> None:
         c.set_tag(run_id, TRAINED_TAG, summary["fingerprint"])
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         c.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
+    """The evaluation set as the run's dataset input (the runs table's Dataset column): its spec
+    as name and source, a digest of the file's bytes where the spec is a file (else of the spec
+    and its size), context 'evaluation'."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    path = Path(data)
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:
+        h.update(f"{data}\0{n}".encode())
+    ds = Dataset(name=path.name if path.is_file() else data, digest=h.hexdigest()[:16],
+                 source_type="local" if path.is_file() else "texq", source=data,
+                 profile=json.dumps({"num_rows": n}))
+    c.log_inputs(run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", "evaluation")])])
 
 
 @contextmanager

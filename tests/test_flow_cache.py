@@ -20,8 +20,8 @@ from texq.keys import assign
 def test_stage_spec_reads_dvc_yaml():
     spec = stage_spec("train")
     assert {"w_bits", "finetune", "generator"} <= set(spec["params"]) and "train" not in spec["params"]
-    assert "out/pipeline/step1.pt" in spec["deps"] and spec["outs"] == ["out/pipeline/train"]
-    assert stage_spec("evaluate")["outs"] == ["out/pipeline/metrics.json"]
+    assert "out/pipeline/step1.pt" in spec["deps"] and spec["outs"] == ["out/pipeline/train", "out/pipeline/history.json"]
+    assert stage_spec("evaluate")["outs"] == ["out/pipeline/metrics.json", "out/pipeline/per_class.json"]
     with pytest.raises(TexqError, match="no stage 'fit'"):
         stage_spec("fit")
 

@@ -185,8 +185,23 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert run.data.metrics["top1"] == metrics["top1"] and "q_kd" in run.data.metrics
     assert len(c.get_metric_history(run.info.run_id, "g_ce")) == 3  # one point per epoch (1 + 2)
     assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"metrics.json", "teacher.json", "train"}
-    assert run.data.tags["git_commit"] != "unknown"
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40  # the UI's commit column
+    assert run.info.run_name == "texq-w4a4-s0-tiny"
+    assert run.data.metrics["top1_ci95_low"] <= run.data.metrics["top1"] <= run.data.metrics["top1_ci95_high"]
+    (ds,) = run.inputs.dataset_inputs  # the evaluation set, in the runs table's Dataset column
+    assert ds.dataset.source == metrics["data"] and ds.tags[0].value == "evaluation"
     assert (tmp_path / "mlartifacts").is_dir() and not (repo / "mlruns").exists()  # beside the db
+    # the loss curves and per-class top-1 as DVC plots: data for `dvc plots show/diff`, and HTML
+    shown = subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=300)
+    plots = json.loads(shown.stdout)
+    assert "errors" not in plots, plots.get("errors")
+    assert all(plots["data"][k][0]["content"]["data"]["values"] for k in ("loss_curves", "per_class_top1"))
+    history = json.loads((repo / "out" / "pipeline" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1, 2] and "q_kd" in history[-1]
+    _dvc(["plots", "show", "-o", str(tmp_path / "plots")], repo, env)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "loss_curves" in html and "per_class_top1" in html
     git("add", "-A")
     git("commit", "-qm", "lock")
     out = _dvc(["exp", "run", "-S", "finetune.alpha6=10"], repo, env)  # texq run's --set key

@@ -45,6 +45,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     return kl * (t * t)
 
 
+#: every loss term a history row can hold (G's, then Q's; ``q_mixed``: mixed samples per step)
+HISTORY_TERMS = ("g_ce", "g_bns", "g_lbns", "g_dbns", "q_ce", "q_kd", "q_mixed")
+
+
 @dataclass
 class Sources:
     """Where Q's training images come from: G, a calibration set, and/or real batches."""

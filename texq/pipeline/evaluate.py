@@ -1,5 +1,5 @@
 """Stage ``evaluate``: the final-epoch model's top-1 and per-class top-1, the settings in effect and
-texture statistics -> ``metrics.json``."""
+texture statistics -> ``metrics.json``, and per-class top-1 as ``per_class.json`` (a DVC plot)."""
 
 from __future__ import annotations
 
@@ -38,5 +38,7 @@ def run(params_file, out: Path, device: str = "auto", progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
     metrics.update(texture_report(cfg, info, out / "step1.pt", generator))
     metrics["train_seconds"] = summary["seconds"]
+    write_json(out / "per_class.json", [  # dvc.yaml's per-class plot: one row per class
+        {"class": str(i), "top1": v} for i, v in enumerate(metrics["per_class_top1"]) if v is not None])
     write_json(out / "metrics.json", metrics)
     return metrics
