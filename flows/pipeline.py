@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +137,14 @@ def grid_search(grid: dict[str, list], base_params: str = "params.yaml", out: st
                 deployment: str = "texq-pipeline/texq-pipeline", device: str = "auto",
                 poll_seconds: float = 5.0) -> list[dict]:
     """Every combination of ``grid`` as one deployment run of ``texq-pipeline`` (the work pool's
-    workers run them in parallel), each a child of one MLflow parent run."""
-    from prefect.client.orchestration import get_client
+    workers run them in parallel): each a subflow of this run in the Prefect UI, named by its
+    combination, and a child of one MLflow parent run. When all are final: a results table
+    (combination, state, top-1, MLflow run) as a Prefect table artifact and on the MLflow parent
+    run, which also holds the grid's axes as params."""
+    from prefect.artifacts import create_table_artifact
     from prefect.deployments import run_deployment
+    from prefect.flow_runs import wait_for_flow_run
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
     log = get_run_logger()
     combos = expand(grid)
@@ -150,27 +154,67 @@ def grid_search(grid: dict[str, list], base_params: str = "params.yaml", out: st
     parent = c.create_run(experiment_id(c), run_name=f"grid-{len(combos)}", tags={
         "texq.grid": json.dumps(grid), "prefect_flow_run_id": flow_run.get_id() or ""})
     parent_id = parent.info.run_id
+    for axis, values in grid.items():  # MLflow keys take no comma: a zipped axis as w_bits/a_bits
+        c.log_param(parent_id, f"grid.{axis.replace(',', '/')}", json.dumps(values))
     runs = []
     for combo in combos:
         folder = Path(out).resolve() / _name(combo)
         fr = run_deployment(deployment, parameters={
             "overrides": combo, "base_params": str(Path(base_params).resolve()), "out": str(folder),
-            "device": device, "parent_run_id": parent_id}, timeout=0, as_subflow=False)
-        runs.append((combo, fr.id))
-        log.info("submitted %s -> flow run %s", combo, fr.id)
+            "device": device, "parent_run_id": parent_id}, timeout=0, as_subflow=True,
+            flow_run_name=_label(combo))
+        runs.append((combo, fr.id, folder))
+        log.info("submitted %s -> flow run %s", _label(combo), fr.id)
     rows: list[dict] = []
-    with get_client(sync_client=True) as pc:
-        pending = dict((fid, combo) for combo, fid in runs)
-        while pending:
-            for fid in list(pending):
-                state = pc.read_flow_run(fid).state
-                if state is not None and state.is_final():
-                    rows.append({**pending.pop(fid), "flow_run": str(fid), "state": state.type.value})
-                    log.info("flow run %s: %s (%d left)", fid, state.type.value, len(pending))
-            if pending:
-                time.sleep(poll_seconds)
+    for combo, fid, folder in runs:  # Prefect's own waiting, one child after the other
+        final = run_coro_as_sync(wait_for_flow_run(fid, timeout=None, poll_interval=poll_seconds))
+        rows.append({**combo, "flow_run": str(fid), "state": final.state.type.value,
+                     "top1": _top1(folder)})
+        log.info("%s: %s (%d of %d final)", _label(combo), final.state.type.value, len(rows), len(runs))
+    table = _results_table(c, parent_id, rows)
+    create_table_artifact(table, key="texq-grid-results",
+                          description=f"grid {json.dumps(grid)}: top-1 of each run's final-epoch model")
+    _log_table(c, parent_id, table)
     ok = all(r["state"] == "COMPLETED" for r in rows)
     c.set_terminated(parent_id, "FINISHED" if ok else "FAILED")
     if not ok:
         raise RuntimeError(f"{sum(r['state'] != 'COMPLETED' for r in rows)} of {len(rows)} grid runs failed")
     return rows
+
+
+def _label(combo: dict[str, Any]) -> str:
+    """A child run's name: its combination with full keys (``finetune.alpha6=10,seed=0``)."""
+    return ",".join(f"{k}={v}" for k, v in combo.items())
+
+
+def _top1(folder: Path) -> float | None:
+    try:
+        return json.loads((folder / "metrics.json").read_text())["top1"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _results_table(c, parent_id: str, rows: list[dict]) -> list[dict]:
+    """One row per child: its combination, state, top-1 and MLflow run (a link when the tracking
+    URI is a server's)."""
+    from flows.tracking import tracking_uri
+
+    children = c.search_runs([c.get_run(parent_id).info.experiment_id],
+                             f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000)
+    by_flow = {r.data.tags.get("prefect_flow_run_id"): r for r in children}
+    uri, table = tracking_uri(), []
+    for r in rows:
+        run = by_flow.get(r["flow_run"])
+        link = ""
+        if run is not None:
+            link = (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                    if uri.startswith("http") else run.info.run_id)
+        table.append({"combination": _label({k: v for k, v in r.items()
+                                             if k not in ("flow_run", "state", "top1")}),
+                      "state": r["state"], "top1": r["top1"], "mlflow_run": link})
+    return table
+
+
+def _log_table(c, parent_id: str, table: list[dict]) -> None:
+    """The results table on the MLflow parent run (``grid_results.json``, the UI's table view)."""
+    c.log_table(parent_id, {k: [row[k] for row in table] for k in table[0]}, "grid_results.json")

@@ -146,6 +146,32 @@ def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, 
                for b in (3, 4) for m in (True, False))
     cmp = _cli(env, str(BIN / "texq"), "compare")
     assert json.loads(cmp.stdout.strip().splitlines()[-1])["rows"] == 4
+    # what a user sees: the parent holds the axes and the results table, Prefect shows the
+    # children under the grid run, named by their combination, and the same table as an artifact
+    parent = parents[0]
+    assert json.loads(parent.data.params["grid.w_bits/a_bits"]) == [[3, 3], [4, 4]]
+    assert "grid_results.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+    seen = json.loads(_cli(env, sys.executable, "-c", PREFECT_VIEW).stdout.strip().splitlines()[-1])
+    names = {f"w_bits={b},a_bits={b},mkd={m}" for b in (3, 4) for m in (True, False)}
+    assert names <= set(seen["children"]), seen["children"]
+    table = {row["combination"]: row for row in seen["table"]}
+    assert set(table) == names and all(r["state"] == "COMPLETED" for r in table.values())
+    assert {r["mlflow_run"].rsplit("/", 1)[-1] for r in table.values()} == {r.info.run_id for r in children}
+    assert all(r["mlflow_run"].startswith(env["MLFLOW_TRACKING_URI"]) for r in table.values())  # links
+    assert all(isinstance(r["top1"], float) for r in table.values())
+
+
+PREFECT_VIEW = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+with get_client(sync_client=True) as c:
+    grid = [r for r in c.read_flow_runs() if r.name and r.parent_task_run_id is None
+            and r.parameters.get("grid")]
+    kids = [r.name for r in c.read_flow_runs() if r.parent_task_run_id is not None]
+    art = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["texq-grid-results"])))
+print(json.dumps({"children": kids, "table": json.loads(art[0].data) if art else []}))
+"""
 
 
 CACHE_SCRIPT = """
