@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
 
 from flows.cache import may_use_cache, record, stage_inputs
-from flows.tracking import FLOW_RUN_ENV, PARENT_ENV, client, experiment_id
+from flows.tracking import client, experiment_id
 from texq.errors import TexqError
 from texq.keys import assign
 from texq.pipeline import STAGES
@@ -62,17 +61,18 @@ def _not_config_error(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=30, retry_condition_fn=_not_config_error,
-      cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json",
+      cache_policy=(INPUTS - "context") + TASK_SOURCE, persist_result=True, result_serializer="json",
       task_run_name="{name}")
 def stage(name: str, params_file: str, out: str, device: str = "auto",
-          inputs: dict | None = None) -> dict:
+          inputs: dict | None = None, context: dict | None = None) -> dict:
     """One pipeline stage in its MLflow run (the run is shared by the pipeline's stages).
     ``inputs`` (``flows.cache.stage_inputs``: what the stage reads, by content) is there for the
-    cache key: the same inputs return the cached result of a completed run."""
+    cache key: the same inputs return the cached result of a completed run. ``context`` (the
+    MLflow parent run, this flow run's id; not part of the cache key) tags the MLflow run."""
     from flows.tracking import run_tracked_stage
 
     logging.getLogger("texq").setLevel(logging.INFO)  # PREFECT_LOGGING_EXTRA_LOGGERS=texq shows it
-    return run_tracked_stage(name, params_file, out, device, progress=False)
+    return run_tracked_stage(name, params_file, out, device, progress=False, **(context or {}))
 
 
 @flow(name="texq-pipeline")
@@ -84,27 +84,17 @@ def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "p
     log = get_run_logger()
     folder = Path(out)
     params_file = write_params(base_params, overrides or {}, folder / "params.yaml")
-    saved = {k: os.environ.get(k) for k in (FLOW_RUN_ENV, PARENT_ENV)}
-    os.environ[FLOW_RUN_ENV] = flow_run.get_id() or ""
-    if parent_run_id:
-        os.environ[PARENT_ENV] = parent_run_id
-    try:
-        result: dict = {}
-        for name in STAGES:
-            inputs = stage_inputs(name, params_file, folder)
-            reuse = may_use_cache(name, folder, inputs)
-            log.info("stage %s (%s)%s", name, params_file, "" if reuse else ": runs (no valid cache)")
-            result = stage.with_options(refresh_cache=not reuse)(
-                name, str(params_file), str(folder), device, inputs)
-            record(name, folder, inputs)
-        log.info("top-1 %.2f (%s)", result["top1"], json.dumps(overrides or {}))
-        return result
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    context = {"parent_run_id": parent_run_id or "", "flow_run_id": flow_run.get_id() or ""}
+    result: dict = {}
+    for name in STAGES:
+        inputs = stage_inputs(name, params_file, folder)
+        reuse = may_use_cache(name, folder, inputs)
+        log.info("stage %s (%s)%s", name, params_file, "" if reuse else ": runs (no valid cache)")
+        result = stage.with_options(refresh_cache=not reuse)(
+            name, str(params_file), str(folder), device, inputs, context)
+        record(name, folder, inputs)
+    log.info("top-1 %.2f (%s)", result["top1"], json.dumps(overrides or {}))
+    return result
 
 
 def expand(grid: dict[str, list]) -> list[dict[str, Any]]:

@@ -23,8 +23,6 @@ from flows import ROOT
 EXPERIMENT = "texq"
 KEY_TAG = "texq.pipeline_key"
 TRAINED_TAG = "texq.trained_fingerprint"
-PARENT_ENV = "TEXQ_MLFLOW_PARENT_RUN"  # set by the grid flow: the child's parent run id
-FLOW_RUN_ENV = "TEXQ_PREFECT_FLOW_RUN"  # set by the Prefect flows: their flow-run id
 
 
 def tracking_uri() -> str:
@@ -52,9 +50,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def pipeline_key(params_file: str | Path) -> str:
+def pipeline_key(params_file: str | Path, parent_run_id: str = "") -> str:
     parts = [Path(params_file).read_text(), git_commit(), os.environ.get("DVC_EXP_NAME", ""),
-             os.environ.get(PARENT_ENV, "")]
+             parent_run_id]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
@@ -83,11 +81,12 @@ def flat_params(cfg) -> dict[str, str]:
     return {k: str(v) for k, v in flat.items()}
 
 
-def find_or_create_run(c, params_file: str | Path, cfg) -> str:
+def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
+                       flow_run_id: str = "") -> str:
     """The RUNNING MLflow run of this pipeline run, or a new one with its params and tags."""
     from mlflow.entities import Param, RunTag
 
-    key = pipeline_key(params_file)
+    key = pipeline_key(params_file, parent_run_id)
     exp = experiment_id(c)
     found = c.search_runs([exp], f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
                           max_results=1)
@@ -97,10 +96,10 @@ def find_or_create_run(c, params_file: str | Path, cfg) -> str:
     tags = {KEY_TAG: key, "mlflow.source.git.commit": git_commit(), "mlflow.source.type": "LOCAL",
             "mlflow.source.name": f"texq pipeline ({Path(params_file).name})",
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-            "prefect_flow_run_id": os.environ.get(FLOW_RUN_ENV, ""),
+            "prefect_flow_run_id": flow_run_id,
             "method": cfg.method, "profile": cfg.profile}
-    if os.environ.get(PARENT_ENV):
-        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     name = f"{cfg.method}-w{cfg.w_bits}a{cfg.a_bits}-s{cfg.seed}-{cfg.profile}"
     run = c.create_run(exp, tags=tags, run_name=name)
     items = [Param(k, v) for k, v in flat_params(cfg).items()]
@@ -176,11 +175,12 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
 
 
 @contextmanager
-def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg) -> Iterator[str]:
+def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_run_id: str = "",
+                  flow_run_id: str = "") -> Iterator[str]:
     """Run a stage inside its pipeline run's MLflow run (FAILED on error, FINISHED after
     ``evaluate``)."""
     c = client()
-    run_id = find_or_create_run(c, params_file, cfg)
+    run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
     try:
         yield run_id
         log_outputs(c, run_id, stage, Path(out))
@@ -192,11 +192,11 @@ def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg) -> Iterat
 
 
 def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, device: str = "auto",
-                      progress: bool = True) -> dict:
+                      progress: bool = True, parent_run_id: str = "", flow_run_id: str = "") -> dict:
     """``texq.pipeline.run_stage`` inside its pipeline run's MLflow run."""
     from texq.pipeline import run_stage
     from texq.pipeline.params import stage_config
 
     cfg = stage_config(params_file, device)
-    with tracked_stage(name, params_file, out, cfg):
+    with tracked_stage(name, params_file, out, cfg, parent_run_id, flow_run_id):
         return run_stage(name, params_file, out, device, progress)
