@@ -1,8 +1,11 @@
-"""Figures logged with each pipeline run: the per-epoch loss curves of steps 2-3."""
+"""Figures logged with each pipeline run: loss curves, calibration images, generator samples,
+texture-energy histograms (the paper's Fig. 6 view) and per-class top-1. matplotlib's Figure
+without pyplot: no global state, safe in worker threads."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 COUNTS = {"q_mixed"}  # not a loss: mixed samples per batch (Eq. 9), its own panel
@@ -38,3 +41,150 @@ def loss_curves(rows: list[dict]):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _to_unit(images, mean, std):
+    """Images in the model's normalised input space -> [0, 1] RGB, (N, H, W, 3) numpy."""
+    import torch
+
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (images.detach().cpu().float() * s + m).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images, titles: list[str], mean, std, title: str, cols: int = 10):
+    """A Figure of images (normalised input space, (N, 3, H, W)) in rows of ``cols``, each with
+    its title (a class name or index)."""
+    from matplotlib.figure import Figure
+
+    pics = _to_unit(images, mean, std)
+    rows = -(-len(pics) // cols)
+    fig = Figure(figsize=(1.3 * cols, 1.45 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(pics):
+            ax.imshow(pics[i], interpolation="nearest")
+            ax.set_title(titles[i], fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def generator_samples(generator, num_classes: int, per_class: int = 4, classes: int = 10):
+    """``per_class`` samples of each of the first ``classes`` classes, drawn together as in
+    training (train-mode BatchNorm): (images, titles), ordered class by class."""
+    import torch
+
+    k = min(classes, num_classes)
+    labels = torch.arange(k).repeat_interleave(per_class)
+    device = next(generator.parameters()).device
+    with torch.no_grad():
+        z = torch.randn(len(labels), generator.latent_dim, device=device)
+        images = generator.train()(z, labels.to(device))
+    return images.cpu(), [str(int(c)) for c in labels]
+
+
+def texture_histograms(sets: dict):
+    """The paper's Fig. 6 view: for each set of texture energies T (name -> (N, 16) tensor), the
+    share of images by their number of dominant texture elements (fewest holding 80% of T)."""
+    from matplotlib.figure import Figure
+
+    from texq.texture import dominant_count
+
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(sets))
+    for i, (name, t) in enumerate(sets.items()):
+        counts = dominant_count(t).numpy()
+        share = [(counts == n).mean() for n in range(1, 17)]
+        ax.bar([n + (i - (len(sets) - 1) / 2) * width for n in range(1, 17)], share, width,
+               label=f"{name} (n={len(counts)})")
+    ax.set_xlabel("dominant texture elements (of 16) holding 80% of T")
+    ax.set_ylabel("share of images")
+    ax.set_xticks(range(1, 17))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_bars(fp: list, quantized: list, label: str = "quantized"):
+    """Per-class top-1 of the full-precision and the quantized model, side by side."""
+    from matplotlib.figure import Figure
+
+    k = len(quantized)
+    fig = Figure(figsize=(max(6.0, 0.45 * k), 3.6))
+    ax = fig.subplots()
+    xs = list(range(k))
+    ax.bar([x - 0.2 for x in xs], [v or 0 for v in fp], 0.4, label="full precision")
+    ax.bar([x + 0.2 for x in xs], [v or 0 for v in quantized], 0.4, label=label)
+    ax.set_xticks(xs)
+    ax.set_xlabel("class")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, dest: Path) -> Path:
+    """Write a Figure as PNG, atomically."""
+    from texq.io import atomic_path
+
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return dest
+
+
+def pipeline_pictures(out: Path, cfg) -> list[Path]:
+    """The pictures of a finished pipeline run in ``out`` (``out/figures/*.png``): calibration
+    images (one per class), generator samples per class, texture-energy histograms of the
+    calibration images, the generator's samples and real photo crops (where scikit-learn is
+    installed), and per-class top-1 of F against Q."""
+    import torch
+
+    from texq.data.photos import photo_crops
+    from texq.errors import TexqError
+    from texq.generator import Generator
+    from texq.io import load_torch
+    from texq.models import create_model
+    from texq.texture import texture_energy
+
+    info = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint).texq_info
+    folder, made, textures = out / "figures", [], {}
+    step1 = load_torch(out / "step1.pt") if (out / "step1.pt").exists() else {}
+    images = step1.get("images")
+    if images is not None:
+        labels = step1.get("labels")
+        keep = (torch.tensor([int((labels[:i] == labels[i]).sum()) == 0 for i in range(len(labels))])
+                if labels is not None else torch.arange(len(images)) < 20)
+        titles = [str(int(c)) for c in labels[keep]] if labels is not None else [""] * int(keep.sum())
+        kind = "calibration images, one per class" if cfg.method == "texq" else "distilled images"
+        made.append(save(image_grid(images[keep], titles, info.mean, info.std, kind),
+                         folder / "calibration_images.png"))
+        textures["calibration images" if cfg.method == "texq" else "distilled images"] = \
+            texture_energy(images, cfg.calibration.texture, info.mean, info.std)
+    if (out / "train" / "generator.pt").exists():
+        g = Generator.for_model(info, cfg.generator.latent_dim)
+        g.load_state_dict(torch.load(out / "train" / "generator.pt", weights_only=True))
+        torch.manual_seed(cfg.seed)
+        x, titles = generator_samples(g, info.num_classes)
+        made.append(save(image_grid(x, titles, info.mean, info.std, "generator samples by class"),
+                         folder / "generator_samples.png"))
+        textures["generator samples"] = texture_energy(g.training_samples(256), cfg.calibration.texture,
+                                                       info.mean, info.std)
+    try:
+        textures["real photo crops"] = texture_energy(
+            photo_crops(), replace(cfg.calibration.texture, denormalize=False))
+    except TexqError:  # scikit-learn not installed: the histograms go without real photos
+        pass
+    if textures:
+        made.append(save(texture_histograms(textures), folder / "texture_histograms.png"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    teacher = json.loads((out / "teacher.json").read_text()) if (out / "teacher.json").exists() else {}
+    fp = teacher.get("per_class_top1") or [None] * len(metrics["per_class_top1"])
+    made.append(save(per_class_bars(fp, metrics["per_class_top1"],
+                                     f"W{cfg.w_bits}A{cfg.a_bits} {cfg.method}"), folder / "per_class_top1.png"))
+    return made

@@ -109,8 +109,9 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
     return run.info.run_id
 
 
-def log_outputs(c, run_id: str, stage: str, out: Path) -> None:
-    """What a finished stage adds to the run: metrics (batched) and artifacts."""
+def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None) -> None:
+    """What a finished stage adds to the run: metrics (batched), artifacts and, after
+    ``evaluate``, the run's pictures (``flows.figures.pipeline_pictures``, also in ``out/figures``)."""
     import time
 
     from mlflow.entities import Metric
@@ -150,6 +151,11 @@ def log_outputs(c, run_id: str, stage: str, out: Path) -> None:
         # which trained model was scored: a rerun of evaluate alone is not another result
         summary = json.loads((out / "train" / "summary.json").read_text())
         c.set_tag(run_id, TRAINED_TAG, summary["fingerprint"])
+        if cfg is not None:
+            from flows.figures import pipeline_pictures
+
+            for path in pipeline_pictures(out, cfg):
+                c.log_artifact(run_id, str(path), "figures")
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         c.log_batch(run_id, metrics=metrics[i:i + 1000])
 
@@ -183,7 +189,7 @@ def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_ru
     run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
     try:
         yield run_id
-        log_outputs(c, run_id, stage, Path(out))
+        log_outputs(c, run_id, stage, Path(out), cfg)
     except BaseException:
         c.set_terminated(run_id, "FAILED")
         raise

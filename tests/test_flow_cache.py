@@ -108,3 +108,44 @@ def test_every_code_dep_in_dvc_yaml_exists():
     for name in ("teacher", "synthesize", "train", "evaluate"):
         for dep in stage_spec(name)["deps"]:
             assert dep.startswith("out/pipeline/") or (ROOT / dep).exists(), (name, dep)
+
+
+def _png_ok(path: Path, min_size: tuple[int, int]) -> None:
+    """The file is a PNG of at least ``min_size`` pixels whose pixels are not all one colour."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1], im.size
+        px = np.asarray(im.convert("RGB"), dtype=float)
+    assert px.std() > 5.0  # not blank
+
+
+def test_each_picture_is_a_non_blank_png(tmp_path):
+    import torch
+
+    from flows.figures import (generator_samples, image_grid, per_class_bars, save,
+                               texture_histograms)
+    from texq.generator import Generator
+    from texq.texture import TextureConfig, texture_energy
+
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    torch.manual_seed(0)
+    images = torch.randn(10, 3, 32, 32)
+    grid = image_grid(images, [str(i) for i in range(10)], mean, std, "calibration images")
+    assert len([ax for ax in grid.axes if ax.images]) == 10
+    _png_ok(save(grid, tmp_path / "calib.png"), (600, 100))
+    g = Generator(num_classes=10)
+    x, titles = generator_samples(g, 10, per_class=2)
+    assert x.shape == (20, 3, 32, 32) and titles[:4] == ["0", "0", "1", "1"]
+    _png_ok(save(image_grid(x, titles, mean, std, "samples"), tmp_path / "gen.png"), (600, 150))
+    t = {"noise": texture_energy(torch.randn(30, 3, 32, 32), TextureConfig(), mean, std),
+         "smooth": texture_energy(torch.zeros(30, 3, 32, 32) + torch.linspace(0, 1, 32), TextureConfig(), mean, std)}
+    hist = texture_histograms(t)
+    bars = hist.axes[0].containers
+    assert len(bars) == 2 and all(abs(sum(b.get_height() for b in c) - 1.0) < 1e-6 for c in bars)
+    _png_ok(save(hist, tmp_path / "texture.png"), (400, 200))
+    fig = per_class_bars([90.0] * 10, [80.0, None] + [70.0] * 8)
+    heights = [b.get_height() for b in fig.axes[0].containers[1]]
+    assert heights[:3] == [80.0, 0, 70.0]
+    _png_ok(save(fig, tmp_path / "per_class.png"), (400, 200))

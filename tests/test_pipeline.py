@@ -184,7 +184,12 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert run.data.params["finetune.alpha6"] == "20.0" and run.data.params["profile"] == "tiny"
     assert run.data.metrics["top1"] == metrics["top1"] and "q_kd" in run.data.metrics
     assert len(c.get_metric_history(run.info.run_id, "g_ce")) == 3  # one point per epoch (1 + 2)
-    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"metrics.json", "teacher.json", "train"}
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"metrics.json", "teacher.json", "train",
+                                                                   "figures"}
+    pictures = {"calibration_images.png", "generator_samples.png", "texture_histograms.png",
+                "per_class_top1.png"}
+    assert {a.path.split("/")[-1] for a in c.list_artifacts(run.info.run_id, "figures")} == pictures
+    assert {p.name for p in (repo / "out" / "pipeline" / "figures").iterdir()} == pictures
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40  # the UI's commit column
     assert run.info.run_name == "texq-w4a4-s0-tiny"
     assert run.data.metrics["top1_ci95_low"] <= run.data.metrics["top1"] <= run.data.metrics["top1_ci95_high"]
