@@ -175,6 +175,8 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert _ran(_dvc(["repro"], repo, env)) == {"teacher", "synthesize", "train", "evaluate"}
     metrics = json.loads((repo / "out" / "pipeline" / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["method"] == "texq"
+    artifact = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]["quantized-model"]
+    assert artifact["type"] == "model" and (repo / artifact["path"]).is_file()  # DVC took the schema
     assert _ran(_dvc(["repro"], repo, env)) == set()  # nothing changed: nothing runs
     c, runs = _mlflow_runs(env)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
