@@ -109,7 +109,7 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
     return run.info.run_id
 
 
-def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None) -> None:
+def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool = False) -> None:
     """What a finished stage adds to the run: metrics (batched), artifacts and, after
     ``evaluate``, the run's pictures (``flows.figures.pipeline_pictures``, also in ``out/figures``)."""
     import time
@@ -156,8 +156,39 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None) -> None:
 
             for path in pipeline_pictures(out, cfg):
                 c.log_artifact(run_id, str(path), "figures")
+            log_quantized_model(c, run_id, out / "train" / "qmodel.pt", cfg, register)
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         c.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool) -> str:
+    """The quantized model as an MLflow model of the run (``mlflow.pytorch``, with a signature and
+    an input example: one image in the model's normalised input space), registered as a new
+    version of ``texq-<model>-wXaY`` when ``register``; returns its URI (also the run's tag
+    ``texq.model_uri``). Pickled (not torch.export's pt2, which drops the module's attributes and
+its eval mode): loading it needs texq importable."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from texq.artifacts import load_quantized
+
+    q = load_quantized(path).eval()
+    size = q.texq_info.input_size
+    x = np.zeros((1, 3, size, size), dtype=np.float32)
+    with torch.no_grad():
+        y = q(torch.from_numpy(x)).numpy()
+    name = f"texq-{cfg.model}-w{cfg.w_bits}a{cfg.a_bits}" if register else None
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):  # mlflow.pytorch logs into the active run only
+        info = mlflow.pytorch.log_model(
+            q, name="quantized_model", signature=infer_signature(x, y), input_example=x,
+            registered_model_name=name, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format="pickle")  # the module itself, texq_info and quantizers included
+    c.set_tag(run_id, "texq.model_uri", info.model_uri)
+    return info.model_uri
 
 
 def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
@@ -182,14 +213,14 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
 
 @contextmanager
 def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_run_id: str = "",
-                  flow_run_id: str = "") -> Iterator[str]:
+                  flow_run_id: str = "", register: bool = False) -> Iterator[str]:
     """Run a stage inside its pipeline run's MLflow run (FAILED on error, FINISHED after
     ``evaluate``)."""
     c = client()
     run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
     try:
         yield run_id
-        log_outputs(c, run_id, stage, Path(out), cfg)
+        log_outputs(c, run_id, stage, Path(out), cfg, register)
     except BaseException:
         c.set_terminated(run_id, "FAILED")
         raise
@@ -200,9 +231,10 @@ def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_ru
 def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, device: str = "auto",
                       progress: bool = True, parent_run_id: str = "", flow_run_id: str = "") -> dict:
     """``texq.pipeline.run_stage`` inside its pipeline run's MLflow run."""
-    from texq.pipeline import run_stage
-    from texq.pipeline.params import stage_config
+    from texq.pipeline import load_params, run_stage
+    from texq.pipeline.params import register_model, stage_config
 
     cfg = stage_config(params_file, device)
-    with tracked_stage(name, params_file, out, cfg, parent_run_id, flow_run_id):
+    register = register_model(load_params(params_file), str(params_file))
+    with tracked_stage(name, params_file, out, cfg, parent_run_id, flow_run_id, register):
         return run_stage(name, params_file, out, device, progress)

@@ -193,6 +193,18 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert {a.path.split("/")[-1] for a in c.list_artifacts(run.info.run_id, "figures")} == pictures
     assert {p.name for p in (repo / "out" / "pipeline" / "figures").iterdir()} == pictures
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40  # the UI's commit column
+    # the quantized model as an MLflow model: loads and scores the run's top-1; a registered version
+    import mlflow.pytorch
+
+    from texq.data import load_eval_data
+    from texq.eval import evaluate
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    loaded = mlflow.pytorch.load_model(run.data.tags["texq.model_uri"])
+    res = evaluate(loaded, load_eval_data(metrics["data"], loaded.texq_info), progress=False)
+    assert res.correct == metrics["correct"]
+    versions = c.search_model_versions("name='texq-resnet8_cifar10-w4a4'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
     assert run.info.run_name == "texq-w4a4-s0-tiny"
     assert run.data.metrics["top1_ci95_low"] <= run.data.metrics["top1"] <= run.data.metrics["top1_ci95_high"]
     (ds,) = run.inputs.dataset_inputs  # the evaluation set, in the runs table's Dataset column

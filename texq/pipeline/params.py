@@ -21,7 +21,7 @@ from texq.keys import check_value, leaves, with_overrides
 
 AUTO = "auto"
 PIPELINE_SECTIONS = ("evaluate",)  # sections of the pipeline, not of RunConfig
-EVALUATE_KEYS = ("batch_size",)
+EVALUATE_KEYS = ("batch_size", "register_model")
 NOT_IN_FILE = {"device": "the device is the machine's: give --device to the stage",
                "quant.w_bits": "set the top-level w_bits (one source of truth for the bits)",
                "quant.a_bits": "set the top-level a_bits (one source of truth for the bits)"}
@@ -63,10 +63,20 @@ def eval_batch_size(params: dict, source: str = "params.yaml") -> int:
     return size
 
 
+def register_model(params: dict, source: str = "params.yaml") -> bool:
+    """``evaluate.register_model`` of a parsed params.yaml (default true), checked: whether a
+    tracked pipeline run registers its quantized model in MLflow's model registry."""
+    flag = _keyed_section(params, "evaluate", EVALUATE_KEYS, source).get("register_model", True)
+    if not isinstance(flag, bool):
+        raise ConfigError(f"{source}: evaluate.register_model={flag!r}: expected true or false")
+    return flag
+
+
 def run_config(params: dict, source: str = "params.yaml") -> RunConfig:
     """The RunConfig that ``params`` (a parsed params.yaml) describes; errors name the file and
     the key. The ``evaluate`` section is checked here too (``eval_batch_size`` reads it)."""
     eval_batch_size(params, source)
+    register_model(params, source)
     names = {f.name for f in fields(RunConfig)}
     for key in sorted(set(params) - names - set(PIPELINE_SECTIONS)):  # empty sections too
         raise ConfigError(f"{source}: unknown config key {key!r} (expected one of "
