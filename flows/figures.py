@@ -109,8 +109,9 @@ def texture_histograms(sets: dict):
     return fig
 
 
-def per_class_bars(fp: list, quantized: list, label: str = "quantized"):
-    """Per-class top-1 of the full-precision and the quantized model, side by side."""
+def per_class_bars(fp: list, quantized: list, label: str = "quantized", names: list | None = None):
+    """Per-class top-1 of the full-precision and the quantized model, side by side (x labels:
+    ``names`` where given, else the class indices)."""
     from matplotlib.figure import Figure
 
     k = len(quantized)
@@ -119,7 +120,10 @@ def per_class_bars(fp: list, quantized: list, label: str = "quantized"):
     xs = list(range(k))
     ax.bar([x - 0.2 for x in xs], [v or 0 for v in fp], 0.4, label="full precision")
     ax.bar([x + 0.2 for x in xs], [v or 0 for v in quantized], 0.4, label=label)
-    ax.set_xticks(xs)
+    if names is not None and k <= 100:
+        ax.set_xticks(xs, [str(n) for n in names], rotation=45, ha="right", fontsize=8)
+    else:
+        ax.set_xticks(xs)
     ax.set_xlabel("class")
     ax.set_ylabel("top-1 (%)")
     ax.set_ylim(0, 100)
@@ -185,6 +189,6 @@ def pipeline_pictures(out: Path, cfg) -> list[Path]:
     metrics = json.loads((out / "metrics.json").read_text())
     teacher = json.loads((out / "teacher.json").read_text()) if (out / "teacher.json").exists() else {}
     fp = teacher.get("per_class_top1") or [None] * len(metrics["per_class_top1"])
-    made.append(save(per_class_bars(fp, metrics["per_class_top1"],
-                                     f"W{cfg.w_bits}A{cfg.a_bits} {cfg.method}"), folder / "per_class_top1.png"))
+    made.append(save(per_class_bars(fp, metrics["per_class_top1"], f"W{cfg.w_bits}A{cfg.a_bits} {cfg.method}",
+                                     metrics.get("class_names")), folder / "per_class_top1.png"))
     return made

@@ -145,8 +145,10 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
             for k, v in (r.get(group) or {}).items():
                 metrics.append(Metric(f"{group}.{k}", float(v), now, 0))
         per_class = r.get("per_class_top1") or []
+        names = r.get("class_names") or [str(i) for i in range(len(per_class))]
         if len(per_class) <= 100:  # ImageNet's 1000 stay in the metrics.json artifact
-            metrics += [Metric(f"class_top1.{i}", v, now, 0) for i, v in enumerate(per_class) if v is not None]
+            metrics += [Metric(f"class_top1.{_key(n)}", v, now, 0) for n, v in zip(names, per_class)
+                        if v is not None]
         c.log_artifact(run_id, str(out / "metrics.json"))
         # which trained model was scored: a rerun of evaluate alone is not another result
         summary = json.loads((out / "train" / "summary.json").read_text())
@@ -209,6 +211,11 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
                  source_type="local" if path.is_file() else "texq", source=data,
                  profile=json.dumps({"num_rows": n}))
     c.log_inputs(run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", "evaluation")])])
+
+
+def _key(name: str) -> str:
+    """A class name as an MLflow metric-name part (alphanumerics, _ - . space : / only)."""
+    return "".join(ch if ch.isalnum() or ch in "_-. :/" else "_" for ch in str(name))
 
 
 @contextmanager

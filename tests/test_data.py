@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from texq.data import gaussian_batches, load_eval_data, load_npz
+from texq.data import class_names, gaussian_batches, load_eval_data, load_npz
 from texq.data.arrays import to_normalized_tensor
 from texq.errors import DataError
 from texq.models import model_info
@@ -57,6 +57,11 @@ def test_npz_bad_contents(tmp_path, x, y, message):
     with pytest.raises(DataError, match=message) as err:
         load_eval_data(str(path), INFO10)
     assert "bad.npz" in str(err.value)
+
+
+def test_a_bare_npz_has_no_class_names(tmp_path):
+    np.savez(tmp_path / "d.npz", x=images(3), y=np.array([0, 1, 2]))
+    assert class_names(str(tmp_path / "d.npz"), load_eval_data(str(tmp_path / "d.npz"), INFO10)) is None
 
 
 def test_npz_missing_keys(tmp_path):
@@ -121,6 +126,8 @@ def test_named_subset_from_assets_else_torchvision(tmp_path, monkeypatch):
     monkeypatch.setenv("TEXQ_ASSETS", str(tmp_path / "assets"))
     offline = load_eval_data("cifar10-test1000", INFO10, download=False)
     assert len(offline) == 7
+    names = class_names("cifar10-test1000", offline)  # CIFAR-10's, also from the bare .npz copy
+    assert names == class_names("cifar10", ds) and names[:3] == ["airplane", "automobile", "bird"]
     assert torch.equal(offline[3][0], ds[3][0]) and offline[3][1] == ds[3][1]
     monkeypatch.setenv("TEXQ_ASSETS", str(tmp_path / "nowhere"))
     monkeypatch.setenv("TEXQ_DATA", str(tmp_path / "empty"))
@@ -147,7 +154,7 @@ def test_image_folder(tmp_path):
         (tmp_path / name).mkdir()
         Image.fromarray(x[i]).save(tmp_path / name / f"{i}.png")
     ds = load_eval_data(str(tmp_path), INFO10)
-    assert len(ds) == 10
+    assert len(ds) == 10 and class_names(str(tmp_path), ds) == names  # sorted folder names
     img, label = ds[7]
     assert label == 7 and img.shape == (3, 32, 32)  # resized to the model's input size
 

@@ -2,6 +2,6 @@
 
 from texq.data.arrays import ArrayDataset, load_npz, npz_dataset
 from texq.data.noise import gaussian_batches
-from texq.data.sets import load_eval_data
+from texq.data.sets import class_names, load_eval_data
 
-__all__ = ["ArrayDataset", "gaussian_batches", "load_eval_data", "load_npz", "npz_dataset"]
+__all__ = ["ArrayDataset", "class_names", "gaussian_batches", "load_eval_data", "load_npz", "npz_dataset"]

@@ -25,6 +25,8 @@ from texq.models.weights import texq_home
 TORCHVISION_SETS = {"cifar10": 10, "cifar100": 100}
 # named subsets: spec -> (torchvision set, first n test images, file in $TEXQ_ASSETS holding them)
 SUBSETS = {"cifar10-test1000": ("cifar10", 1000, "cifar10/test_first1000.npz")}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")  # torchvision's CIFAR10.classes, label order
 
 
 def data_root() -> Path:
@@ -106,3 +108,14 @@ def load_eval_data(spec: str, info: ModelInfo, download: bool = True, train: boo
         raise DataError(f"data {spec!r} not found: expected a .npz file, cifar10, cifar100 "
                         f"or an image folder")
     raise DataError(f"data {spec!r}: expected a .npz file, cifar10, cifar100 or an image folder")
+
+
+def class_names(spec: str, data: Dataset) -> list[str] | None:
+    """The names of labels 0..K-1 of an evaluation set, where it knows them: CIFAR-10 by name
+    (also from its offline .npz copy), a torchvision set's or an image folder's ``classes``;
+    None for a bare .npz file."""
+    if SUBSETS.get(spec, (spec,))[0] == "cifar10":
+        return list(CIFAR10_CLASSES)
+    base = getattr(data, "dataset", data)  # a Subset's underlying set
+    names = getattr(base, "classes", None)
+    return list(names) if names else None

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from texq.artifacts import load_quantized
-from texq.data import load_eval_data
+from texq.data import class_names, load_eval_data
 from texq.device import use_device
 from texq.generator import Generator
 from texq.io import write_json
@@ -38,7 +38,11 @@ def run(params_file, out: Path, device: str = "auto", progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
     metrics.update(texture_report(cfg, info, out / "step1.pt", generator))
     metrics["train_seconds"] = summary["seconds"]
+    names = class_names(cfg.data, data)
+    if names is not None:
+        metrics["class_names"] = names
+    labels = names or [str(i) for i in range(len(metrics["per_class_top1"]))]
     write_json(out / "per_class.json", [  # dvc.yaml's per-class plot: one row per class
-        {"class": str(i), "top1": v} for i, v in enumerate(metrics["per_class_top1"]) if v is not None])
+        {"class": c, "top1": v} for c, v in zip(labels, metrics["per_class_top1"]) if v is not None])
     write_json(out / "metrics.json", metrics)
     return metrics
