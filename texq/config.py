@@ -18,11 +18,48 @@ from texq.errors import ConfigError
 from texq.quant import QuantConfig, check_bits
 from texq.texture import LawsLossConfig, TextureConfig
 
-METHODS = ("texq", "gdfq", "zeroq", "real")
 KD_REDUCTIONS = ("mean", "batchmean")  # KL over batch x classes (lineage) / per sample
 PROFILES = ("paper", "quick", "tiny")
 ACT_CALIB_AT = ("start", "end")  # the first / the last act_calib_epochs epochs of the warm-up
 ACT_CALIB_INPUTS = ("generated", "batch")  # G's samples / Q's batch (G's + calibration images)
+
+
+# What each method uses and fixes (texq.methods applies it; a RunConfig refuses a switch its
+# method has no module for).
+SWITCHES = ("laws", "layered_bns", "mkd")  # Table 3's module switches (RunConfig keys)
+SECTIONS = ("calibration", "generator", "finetune", "distill")  # stage sections of RunConfig
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    switches: tuple[str, ...]  # the Table 3 switches the method honours
+    sections: tuple[str, ...]  # the stage sections it reads
+    fixed: dict[str, object] = field(default_factory=dict)  # dotted key -> the value it always uses
+    why: str = ""  # what the method lacks, for errors about the switches it ignores
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "texq": MethodSpec(SWITCHES, ("calibration", "generator", "finetune")),
+    "gdfq": MethodSpec((), ("generator", "finetune"),
+                       {"mkd": False, "generator.alpha3": 0.1, "generator.alpha4": 0.0,
+                        "generator.alpha5": 0.0},  # GDFQ: CE + 0.1 BNS, plain KD
+                       "GDFQ has no calibration set (no L_LAWS, no layered BNS) and uses plain KD"),
+    "zeroq": MethodSpec((), ("distill",), {},
+                        "ZeroQ only distils images and calibrates ranges (no step 1, no fine-tuning)"),
+    "real": MethodSpec(("mkd",), ("finetune",), {},
+                       "the real-data baseline fine-tunes on real images (no step 1)"),
+}
+METHODS = tuple(METHOD_SPECS)  # texq | gdfq | zeroq | real
+
+
+def check_switches(cfg: RunConfig) -> None:
+    """Refuse a switch turned off for a method that has no such module (a one-line ConfigError)."""
+    spec = METHOD_SPECS[cfg.method]
+    off = [s for s in SWITCHES if s not in spec.switches and getattr(cfg, s) is False
+           and spec.fixed.get(s) is not False]
+    if off:
+        raise ConfigError(f"{', '.join(f'{s}=false' for s in off)} with method {cfg.method!r}: "
+                          f"{spec.why}, so the switch would change nothing; leave it true")
 
 
 @dataclass(frozen=True)
@@ -162,8 +199,6 @@ class RunConfig:
             raise ConfigError(f"channels_last={self.channels_last!r}: expected true, false or auto")
         if self.bns_norm not in ("mse", "l2"):
             raise ConfigError(f"bns_norm={self.bns_norm!r}: expected 'mse' or 'l2'")
-        from texq.methods import check_switches  # texq.methods builds on this module
-
         check_switches(self)
         check_bits("w_bits", self.w_bits)
         check_bits("a_bits", self.a_bits)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from texq.config import RunConfig
+from texq.config import SWITCHES, RunConfig
 from texq.device import use_device
 from texq.eval import evaluate
 from texq.generator import Generator
 from texq.io import load_torch
-from texq.methods import SWITCHES, effective_settings
+from texq.methods import effective_settings
 from texq.texture import dominant_count, dominant_set, texture_energy
 
 
