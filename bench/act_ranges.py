@@ -10,7 +10,8 @@ images, with each alternative's paired difference to GDFQ's rule (start, generat
 Step 1 does not depend on these settings: each seed's calibration set is synthesised once, by
 its first run, and copied into the other runs' folders (a run reuses a ``calibration.pt`` it finds).
 
-    python bench/act_ranges.py [--bits 3] [--seeds 0 1] [--profile quick] [--out out/bench/act_ranges]
+    python bench/act_ranges.py [--bits 3] [--seeds 0 1] [--profile quick] [--combos start-generated ...]
+                               [--out out/bench/act_ranges]   (the default is always run: the pairs)
 """
 
 from __future__ import annotations
@@ -45,11 +46,15 @@ def main() -> None:
     p.add_argument("--profile", default="quick")
     p.add_argument("--out", default=str(ROOT / "out" / "bench" / "act_ranges"))
     p.add_argument("--device", default="auto")
+    p.add_argument("--combos", nargs="+", metavar="AT-INPUTS",
+                   help="only these alternatives, e.g. start-generated end-generated (default: all)")
     args = p.parse_args()
 
     assets = Path(args.assets) / "cifar10"
     headline, dev = str(assets / "test_first1000.npz"), str(assets / "test_jpeg_dev.npz")
     combos = [DEFAULT] + [(a, i) for a in ACT_CALIB_AT for i in ACT_CALIB_INPUTS if (a, i) != DEFAULT]
+    if args.combos:
+        combos = [c for c in combos if c == DEFAULT or f"{c[0]}-{c[1]}" in args.combos]  # paired
     dev_data, rows = None, []
     for seed in args.seeds:
         step1 = None
@@ -76,13 +81,13 @@ def main() -> None:
                          "dev_top1": dev_top1, "seconds": m["seconds"]})
             print(f"   top1 {m['top1']:.2f} (dev {dev_top1:.2f}), {m['seconds']:.0f} s", flush=True)
 
-    ref = {r["seed"]: r for r in rows if (r["at"], r["inputs"]) == DEFAULT}
-    print(f"\n| act_calib_at | act_calib_inputs | runs | top-1 jpeg_dev (n=4500) | dev vs default "
-          f"(paired) | top-1 test1000 (n=1000) |")
+    ref = {r["seed"]: r for r in rows if (r["at"], r["inputs"]) == DEFAULT}  # runs of the default
+    print("\n| act_calib_at | act_calib_inputs | runs | top-1 jpeg_dev (n=4500) | dev vs default "
+          "(paired) | top-1 test1000 (n=1000) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for at, inputs in combos:
         rs = [r for r in rows if (r["at"], r["inputs"]) == (at, inputs)]
-        diffs = [r["dev_top1"] - ref[r["seed"]]["dev_top1"] for r in rs]
+        diffs = [r["dev_top1"] - ref[r["seed"]]["dev_top1"] for r in rs if r["seed"] in ref]
         print(f"| {at} | {inputs} | {len(rs)} | {_mean_std([r['dev_top1'] for r in rs])} | "
               f"{_mean_std(diffs, signed=True)} | {_mean_std([r['top1'] for r in rs])} |")
     print(f"(profile {args.profile}, W{args.bits}A{args.bits}, seeds {args.seeds}; "
