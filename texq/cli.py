@@ -12,8 +12,6 @@ import logging
 import sys
 import time
 
-import torch
-
 from texq.errors import TexqError
 from texq.pipeline import STAGES
 
