@@ -82,8 +82,8 @@ def main() -> None:
             results.setdefault((label, bits), []).append(m)
             print(f"   top1 {m['top1']:.2f} (dev {m['dev_top1']:.2f}), {m['seconds']:.0f} s", flush=True)
 
-    print(f"\n| method | bits | runs | top-1 test1000 (n=1000) | top-1 jpeg_dev (n=4500) | "
-          f"wall time / run |")
+    print("\n| method | bits | runs | top-1 test1000 (n=1000) | top-1 jpeg_dev (n=4500) | "
+          "wall time / run |")
     print("| --- | --- | --- | --- | --- | --- |")
     for (label, bits), ms in results.items():
         print(f"| {label} | W{bits}A{bits} | {len(ms)} | {mean_std([m['top1'] for m in ms])} | "

@@ -62,7 +62,7 @@ def per_call(fn, n: int, device: torch.device, warmup: int = 3) -> float:
 
 
 def build(model: str, device: torch.device, batch: int | None, graphs: bool, seed: int = 0,
-          layout: torch.memory_format | None = None):
+          layout: torch.memory_format | None = None, fixed_shapes: bool | None = None):
     """F, Q (W4A4, ranges set on noise) and a Finetuner at the paper's settings; the calibration
     set is random images with random centers (the same shapes as step 1's). F and G in
     ``layout``, as a run lays them out."""
@@ -80,7 +80,8 @@ def build(model: str, device: torch.device, batch: int | None, graphs: bool, see
     src = Sources(generator=Generator.for_model(info).to(device, memory_format=layout),
                   calib_images=torch.randn(k, 3, s, s, device=device),
                   calib_labels=torch.arange(k, device=device), centers=centers)
-    return cfg, Finetuner(fp, q, src, cfg.generator, ft, True, device, cuda_graphs=graphs)
+    return cfg, Finetuner(fp, q, src, cfg.generator, ft, True, device, cuda_graphs=graphs,
+                          fixed_shapes=fixed_shapes)
 
 
 def step_ratio(model: str, device: torch.device, graphs: bool, batch: int = 128, n: int = 30) -> dict:
@@ -138,10 +139,11 @@ def step1_ms(model: str, device: torch.device, graphs: bool, iters: tuple[int, i
 
 
 def proxies(model: str) -> dict:
-    """aten ops and host syncs of one eager steps-2-3 iteration on the CPU (batch 8)."""
+    """aten ops and host syncs of one eager steps-2-3 iteration on the CPU (batch 8), in the form
+    a GPU captures (fixed-shape mixup; the CPU's own variable-size form reads the mixed count)."""
     from torch.profiler import ProfilerActivity, profile
 
-    _, tuner = build(model, torch.device("cpu"), 8, graphs=False)
+    _, tuner = build(model, torch.device("cpu"), 8, graphs=False, fixed_shapes=True)
     x, y, _ = tuner.generator_step()
     tuner.quant_step(x, y)
     counts = {}
