@@ -158,13 +158,16 @@ def pipeline_pictures(out: Path, cfg) -> list[Path]:
 
     info = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint).texq_info
     folder, made, textures = out / "figures", [], {}
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = metrics.get("class_names")
+    name = (lambda c: names[int(c)]) if names else (lambda c: str(int(c)))  # a label's title
     step1 = load_torch(out / "step1.pt") if (out / "step1.pt").exists() else {}
     images = step1.get("images")
     if images is not None:
         labels = step1.get("labels")
         keep = (torch.tensor([int((labels[:i] == labels[i]).sum()) == 0 for i in range(len(labels))])
                 if labels is not None else torch.arange(len(images)) < 20)
-        titles = [str(int(c)) for c in labels[keep]] if labels is not None else [""] * int(keep.sum())
+        titles = [name(c) for c in labels[keep]] if labels is not None else [""] * int(keep.sum())
         kind = "calibration images, one per class" if cfg.method == "texq" else "distilled images"
         made.append(save(image_grid(images[keep], titles, info.mean, info.std, kind),
                          folder / "calibration_images.png"))
@@ -175,6 +178,7 @@ def pipeline_pictures(out: Path, cfg) -> list[Path]:
         g.load_state_dict(torch.load(out / "train" / "generator.pt", weights_only=True))
         torch.manual_seed(cfg.seed)
         x, titles = generator_samples(g, info.num_classes)
+        titles = [name(t) for t in titles]
         made.append(save(image_grid(x, titles, info.mean, info.std, "generator samples by class"),
                          folder / "generator_samples.png"))
         textures["generator samples"] = texture_energy(g.training_samples(256), cfg.calibration.texture,
@@ -186,7 +190,6 @@ def pipeline_pictures(out: Path, cfg) -> list[Path]:
         pass
     if textures:
         made.append(save(texture_histograms(textures), folder / "texture_histograms.png"))
-    metrics = json.loads((out / "metrics.json").read_text())
     teacher = json.loads((out / "teacher.json").read_text()) if (out / "teacher.json").exists() else {}
     fp = teacher.get("per_class_top1") or [None] * len(metrics["per_class_top1"])
     made.append(save(per_class_bars(fp, metrics["per_class_top1"], f"W{cfg.w_bits}A{cfg.a_bits} {cfg.method}",

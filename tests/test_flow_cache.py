@@ -149,3 +149,31 @@ def test_each_picture_is_a_non_blank_png(tmp_path):
     heights = [b.get_height() for b in fig.axes[0].containers[1]]
     assert heights[:3] == [80.0, 0, 70.0]
     _png_ok(save(fig, tmp_path / "per_class.png"), (400, 200))
+
+
+def test_pipeline_pictures_name_the_classes(tiny_setup, tmp_path, monkeypatch):
+    """A run folder's pictures; class names (where the evaluation set has them) title the images."""
+    import torch
+
+    import flows.figures as figures
+    from flows.figures import pipeline_pictures
+    from texq.config import RunConfig
+    from texq.generator import Generator
+    from texq.artifacts import save_torch
+    from texq.io import write_json
+
+    ckpt, data, _ = tiny_setup
+    cfg = RunConfig.for_profile("tiny", model="resnet8_cifar10", checkpoint=str(ckpt), data=str(data))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    save_torch(tmp_path / "step1.pt", {"images": torch.randn(10, 3, 32, 32), "labels": torch.arange(10)})
+    (tmp_path / "train").mkdir()
+    torch.save(Generator(num_classes=10).state_dict(), tmp_path / "train" / "generator.pt")
+    write_json(tmp_path / "metrics.json", {"per_class_top1": [50.0] * 10, "class_names": names})
+    titles, grid = [], figures.image_grid
+    monkeypatch.setattr(figures, "image_grid", lambda x, t, *a, **k: titles.append(t) or grid(x, t, *a, **k))
+    made = pipeline_pictures(tmp_path, cfg)
+    assert titles[0] == names and titles[1][:4] == ["airplane"] * 4 and titles[1][-1] == "truck"
+    assert {p.name for p in made} == {"calibration_images.png", "generator_samples.png",
+                                      "texture_histograms.png", "per_class_top1.png"}
+    for p in made:
+        _png_ok(p, (300, 100))
