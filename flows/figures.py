@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+MAX_GRID = 100  # most images in a picture's grid (10 rows of 10)
 COUNTS = {"q_mixed"}  # not a loss: mixed samples per batch (Eq. 9), its own panel
 PANELS = (("generator (Eq. 12 terms)", lambda k: k.startswith("g_")),
           ("quantized model (Eq. 13-14 terms)", lambda k: k.startswith("q_") and k not in COUNTS),
@@ -153,10 +154,10 @@ def pipeline_pictures(out: Path, cfg) -> list[Path]:
     from texq.errors import TexqError
     from texq.generator import Generator
     from texq.io import load_torch
-    from texq.models import create_model
+    from texq.models import model_info
     from texq.texture import texture_energy
 
-    info = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint).texq_info
+    info = model_info(cfg.model)  # classes, size, normalisation: no weights needed
     folder, made, textures = out / "figures", [], {}
     metrics = json.loads((out / "metrics.json").read_text())
     names = metrics.get("class_names")
@@ -167,6 +168,7 @@ def pipeline_pictures(out: Path, cfg) -> list[Path]:
         labels = step1.get("labels")
         keep = (torch.tensor([int((labels[:i] == labels[i]).sum()) == 0 for i in range(len(labels))])
                 if labels is not None else torch.arange(len(images)) < 20)
+        keep &= keep.cumsum(0) <= MAX_GRID  # ImageNet's 1000 classes: the first 100
         titles = [name(c) for c in labels[keep]] if labels is not None else [""] * int(keep.sum())
         kind = "calibration images, one per class" if cfg.method == "texq" else "distilled images"
         made.append(save(image_grid(images[keep], titles, info.mean, info.std, kind),

@@ -161,7 +161,7 @@ def grid_search(grid: dict[str, list], base_params: str = "params.yaml", out: st
         rows.append({**combo, "flow_run": str(fid), "state": final.state.type.value,
                      "top1": _top1(folder)})
         log.info("%s: %s (%d of %d final)", _label(combo), final.state.type.value, len(rows), len(runs))
-    table = _results_table(c, parent_id, rows)
+    table = _results_table(c, parent_id, [combo for combo, _, _ in runs], rows)
     create_table_artifact(table, key="texq-grid-results",
                           description=f"grid {json.dumps(grid)}: top-1 of each run's final-epoch model")
     _log_table(c, parent_id, table)
@@ -184,24 +184,23 @@ def _top1(folder: Path) -> float | None:
         return None
 
 
-def _results_table(c, parent_id: str, rows: list[dict]) -> list[dict]:
-    """One row per child: its combination, state, top-1 and MLflow run (a link when the tracking
-    URI is a server's)."""
+def _results_table(c, parent_id: str, combos: list[dict], rows: list[dict]) -> list[dict]:
+    """One row per child (``combos[i]`` and its ``rows[i]``): its combination, state, top-1 and
+    MLflow run (a link when the tracking URI is a server's)."""
     from flows.tracking import tracking_uri
 
     children = c.search_runs([c.get_run(parent_id).info.experiment_id],
                              f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000)
     by_flow = {r.data.tags.get("prefect_flow_run_id"): r for r in children}
     uri, table = tracking_uri(), []
-    for r in rows:
+    for combo, r in zip(combos, rows):
         run = by_flow.get(r["flow_run"])
         link = ""
         if run is not None:
             link = (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
                     if uri.startswith("http") else run.info.run_id)
-        table.append({"combination": _label({k: v for k, v in r.items()
-                                             if k not in ("flow_run", "state", "top1")}),
-                      "state": r["state"], "top1": r["top1"], "mlflow_run": link})
+        table.append({"combination": _label(combo), "state": r["state"], "top1": r["top1"],
+                      "mlflow_run": link})
     return table
 
 

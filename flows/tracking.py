@@ -199,15 +199,12 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
     and its size), context 'evaluation'."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from flows.cache import content_hash
+
     path = Path(data)
-    h = hashlib.sha256()
-    if path.is_file():
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        h.update(f"{data}\0{n}".encode())
-    ds = Dataset(name=path.name if path.is_file() else data, digest=h.hexdigest()[:16],
+    digest = (content_hash([path]) if path.is_file()
+              else hashlib.sha256(f"{data}\0{n}".encode()).hexdigest())
+    ds = Dataset(name=path.name if path.is_file() else data, digest=digest[:16],
                  source_type="local" if path.is_file() else "texq", source=data,
                  profile=json.dumps({"num_rows": n}))
     c.log_inputs(run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", "evaluation")])])
