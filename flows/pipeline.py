@@ -15,12 +15,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.cache import may_use_cache, record, stage_inputs
+from flows import workspace
 from flows.tracking import client, experiment_id
 from texq.errors import TexqError
 from texq.keys import assign
@@ -39,16 +38,6 @@ def merged_params(base: str | Path, overrides: dict[str, Any]) -> dict:
     return params
 
 
-def write_params(base: str | Path, overrides: dict[str, Any], dest: Path) -> Path:
-    """The merged params file a pipeline run reads (kept beside its outputs)."""
-    from texq.io import atomic_path
-
-    params = merged_params(base, overrides)
-    with atomic_path(dest) as tmp:
-        tmp.write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
-
-
 def _not_config_error(task, task_run, state) -> bool:
     """Retry transient failures only: a bad parameter fails the same way every time."""
     try:
@@ -61,38 +50,39 @@ def _not_config_error(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=30, retry_condition_fn=_not_config_error,
-      cache_policy=(INPUTS - "context") + TASK_SOURCE, persist_result=True, result_serializer="json",
-      task_run_name="{name}")
-def stage(name: str, params_file: str, out: str, device: str = "auto",
-          inputs: dict | None = None, context: dict | None = None) -> dict:
-    """One pipeline stage in its MLflow run (the run is shared by the pipeline's stages).
-    ``inputs`` (``flows.cache.stage_inputs``: what the stage reads, by content) is there for the
-    cache key: the same inputs return the cached result of a completed run. ``context`` (the
-    MLflow parent run, this flow run's id; not part of the cache key) tags the MLflow run."""
-    from flows.tracking import run_tracked_stage
+      cache_policy=NO_CACHE, task_run_name="{name}")
+def stage(name: str, folder: str, device: str = "auto", context: dict | None = None):
+    """One pipeline stage: ``dvc repro --single-item NAME`` in the run's workspace (DVC decides
+    whether it runs; its output, the stage's progress included, goes to this task's log). The
+    stage records into its pipeline run's MLflow run; ``context`` (the MLflow parent run, this
+    flow run's id) tags that run. Returns the stage's result; a stage DVC found up to date ends
+    in the state "Up to date" instead of "Completed"."""
+    from prefect.states import Completed
 
-    logging.getLogger("texq").setLevel(logging.INFO)  # PREFECT_LOGGING_EXTRA_LOGGERS=texq shows it
-    return run_tracked_stage(name, params_file, out, device, progress=False, **(context or {}))
+    env = workspace.stage_env(device, **(context or {}))
+    ran = workspace.repro(folder, name, env, get_run_logger())
+    result = workspace.result(folder, name)
+    if ran:
+        return result
+    return Completed(name="Up to date", message="dvc: stage and its inputs unchanged, not rerun",
+                     data=result)
 
 
 @flow(name="texq-pipeline")
 def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "params.yaml",
                   out: str = "runs/pipeline", device: str = "auto",
                   parent_run_id: str | None = None) -> dict:
-    """teacher -> synthesize -> train -> evaluate on ``base_params`` + ``overrides``; returns
-    the evaluate stage's metrics. Outputs (and the params file used) go to ``out``."""
+    """teacher -> synthesize -> train -> evaluate on ``base_params`` + ``overrides`` in the DVC
+    workspace ``out`` (``flows.workspace``: its params.yaml, dvc.lock and ``out/pipeline``);
+    returns the evaluate stage's metrics. Rerun on the same folder, only what DVC finds
+    changed reruns."""
     log = get_run_logger()
-    folder = Path(out)
-    params_file = write_params(base_params, overrides or {}, folder / "params.yaml")
+    folder = workspace.prepare(out, merged_params(base_params, overrides or {}))
     context = {"parent_run_id": parent_run_id or "", "flow_run_id": flow_run.get_id() or ""}
     result: dict = {}
     for name in STAGES:
-        inputs = stage_inputs(name, params_file, folder)
-        reuse = may_use_cache(name, folder, inputs)
-        log.info("stage %s (%s)%s", name, params_file, "" if reuse else ": runs (no valid cache)")
-        result = stage.with_options(refresh_cache=not reuse)(
-            name, str(params_file), str(folder), device, inputs, context)
-        record(name, folder, inputs)
+        log.info("stage %s in %s", name, folder)
+        result = stage(name, str(folder), device, context, return_state=True).result()
     log.info("top-1 %.2f (%s)", result["top1"], json.dumps(overrides or {}))
     return result
 
@@ -118,8 +108,9 @@ def expand(grid: dict[str, list]) -> list[dict[str, Any]]:
 
 
 def _name(combo: dict[str, Any]) -> str:
-    text = ",".join(f"{k.split('.')[-1]}={v}" for k, v in combo.items())
-    return text if len(text) <= 60 else hashlib.sha1(text.encode()).hexdigest()[:12]
+    """A child's folder: its run name (:func:`_label`), or a hash of it past 60 characters."""
+    text = _label(combo)
+    return text if len(text) <= 60 and "/" not in text else hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 @flow(name="texq-grid")
@@ -179,7 +170,7 @@ def _label(combo: dict[str, Any]) -> str:
 
 def _top1(folder: Path) -> float | None:
     try:
-        return json.loads((folder / "metrics.json").read_text())["top1"]
+        return json.loads((folder / workspace.OUT / "metrics.json").read_text())["top1"]
     except (OSError, ValueError, KeyError):
         return None
 

@@ -1,7 +1,9 @@
 """``python -m flows.stage NAME``: one pipeline stage (what dvc.yaml runs), tracked in MLflow.
 
 Same arguments as ``texq stage``; the stage runs inside its pipeline run's MLflow run (see
-``flows.tracking``). The last stdout line is the stage's JSON result; errors are one line on
+``flows.tracking``). Run by a Prefect flow (``flows.workspace``), it also reads the flow run's
+context from its environment: ``TEXQ_PARENT_RUN_ID`` (the grid's MLflow run), ``TEXQ_FLOW_RUN_ID``
+and ``TEXQ_DEVICE`` (the default of ``--device``). The last stdout line is the stage's JSON result; errors are one line on
 stderr and a non-zero exit, and mark the MLflow run FAILED.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from texq.errors import TexqError
@@ -22,14 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=STAGES)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="out/pipeline")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   default=os.environ.get("TEXQ_DEVICE") or "auto")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from flows.tracking import run_tracked_stage
 
     try:
-        result = run_tracked_stage(args.name, args.params, args.out, args.device, not args.no_progress)
+        result = run_tracked_stage(args.name, args.params, args.out, args.device, not args.no_progress,
+                                   parent_run_id=os.environ.get("TEXQ_PARENT_RUN_ID", ""),
+                                   flow_run_id=os.environ.get("TEXQ_FLOW_RUN_ID", ""))
     except TexqError as exc:
         print(f"texq: error: {exc}", file=sys.stderr)
         return 2

@@ -42,12 +42,19 @@ def client():
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.environ.get("DVC_ROOT") or ROOT,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
+    """The project's commit: that of ``$DVC_ROOT`` (the repo a queued DVC experiment came from),
+    else of the checkout holding this code (a Prefect run's workspace need not be in one)."""
+    for where in (os.environ.get("DVC_ROOT"), ROOT):
+        if not where:
+            continue
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                                 text=True, timeout=10)
+        except OSError:
+            continue
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return "unknown"
 
 
 def pipeline_key(params_file: str | Path, parent_run_id: str = "") -> str:
@@ -199,11 +206,12 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
     and its size), context 'evaluation'."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from flows.cache import content_hash
-
     path = Path(data)
-    digest = (content_hash([path]) if path.is_file()
-              else hashlib.sha256(f"{data}\0{n}".encode()).hexdigest())
+    if path.is_file():
+        with open(path, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    else:
+        digest = hashlib.sha256(f"{data}\0{n}".encode()).hexdigest()
     ds = Dataset(name=path.name if path.is_file() else data, digest=digest[:16],
                  source_type="local" if path.is_file() else "texq", source=data,
                  profile=json.dumps({"num_rows": n}))

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -142,8 +143,10 @@ def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, 
     assert {(r.data.params["w_bits"], r.data.params["a_bits"], r.data.params["mkd"]) for r in children} == {
         ("3", "3", "True"), ("3", "3", "False"), ("4", "4", "True"), ("4", "4", "False")}
     assert all(r.data.tags["prefect_flow_run_id"] for r in children)
-    assert all((tmp_path / "grid" / f"w_bits={b},a_bits={b},mkd={m}" / "metrics.json").exists()
+    assert all((tmp_path / "grid" / f"w_bits={b},a_bits={b},mkd={m}" / "out/pipeline/metrics.json").exists()
                for b in (3, 4) for m in (True, False))
+    assert all((tmp_path / "grid" / f"w_bits={b},a_bits={b},mkd={m}" / "dvc.lock").exists()
+               for b in (3, 4) for m in (True, False))  # each child a DVC workspace
     cmp = _cli(env, str(BIN / "texq"), "compare")
     assert json.loads(cmp.stdout.strip().splitlines()[-1])["rows"] == 4
     # what a user sees: the parent holds the axes and the results table, Prefect shows the
@@ -193,7 +196,7 @@ def run(overrides):
 
 rows = [run({}), run({})]
 rows.append(run({"finetune.alpha6": 7.0}))
-Path(out, "metrics.json").unlink()
+Path(out, "out/pipeline/metrics.json").unlink()
 rows.append(run({"finetune.alpha6": 7.0}))
 print(json.dumps(rows))
 """
@@ -208,21 +211,22 @@ def _logs(env, flow_run_id: str) -> list[str]:
         return [row["message"] for row in json.loads(r.read())]
 
 
-def test_pipeline_tasks_are_cached_by_inputs_and_library_logs_reach_the_server(stack, tiny_params,
-                                                                                tmp_path):
+def test_dvc_decides_what_the_pipeline_tasks_rerun_and_library_logs_reach_the_server(stack, tiny_params,
+                                                                                     tmp_path):
     env, _, _ = stack
     proc = _cli(env, sys.executable, "-c", CACHE_SCRIPT, str(tiny_params), str(tmp_path / "p"), timeout=600)
     first, again, alpha6, lost = json.loads(proc.stdout.strip().splitlines()[-1])
     stages = ("teacher", "synthesize", "train", "evaluate")
     assert first["tasks"] == {s: "Completed" for s in stages}
-    assert again["tasks"] == {s: "Cached" for s in stages} and again["top1"] == first["top1"]
-    # a train key: train and evaluate run, the rest come from the cache
-    assert alpha6["tasks"] == {"teacher": "Cached", "synthesize": "Cached", "train": "Completed",
+    assert again["tasks"] == {s: "Up to date" for s in stages} and again["top1"] == first["top1"]
+    # a train key: train and evaluate run, DVC finds the rest up to date
+    assert alpha6["tasks"] == {"teacher": "Up to date", "synthesize": "Up to date", "train": "Completed",
                                "evaluate": "Completed"}
-    # an out deleted behind the cache's back: that stage runs again, its inputs being unchanged
-    assert lost["tasks"] == {"teacher": "Cached", "synthesize": "Cached", "train": "Cached",
-                             "evaluate": "Completed"}
-    assert (tmp_path / "p" / "metrics.json").exists() and lost["top1"] == alpha6["top1"]
+    # an out deleted behind DVC's back: DVC restores it from its run cache instead of rerunning
+    assert lost["tasks"] == {s: "Up to date" for s in stages}
+    assert (tmp_path / "p" / "out/pipeline/metrics.json").exists() and lost["top1"] == alpha6["top1"]
+    lock = yaml.safe_load((tmp_path / "p" / "dvc.lock").read_text())["stages"]
+    assert lock["train"]["params"]["params.yaml"]["finetune"]["alpha6"] == 7.0  # DVC's own record
     deadline = time.time() + 30  # logs are shipped in batches
     while True:
         logs = _logs(env, first["flow_run"])

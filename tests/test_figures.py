@@ -1,4 +1,4 @@
-"""What the Prefect stage tasks are cached on (flows/cache.py) and the loss-curve figure."""
+"""The pictures of a pipeline run (flows/figures.py) and dvc.yaml's code deps."""
 
 from __future__ import annotations
 
@@ -11,76 +11,6 @@ import yaml
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
                                 reason="the pipeline extra is not installed")
-
-from flows.cache import content_hash, may_use_cache, params_subset, record, stage_inputs, stage_spec
-from texq.errors import TexqError
-from texq.keys import assign
-
-
-def test_stage_spec_reads_dvc_yaml():
-    spec = stage_spec("train")
-    assert {"w_bits", "finetune", "generator"} <= set(spec["params"]) and "train" not in spec["params"]
-    assert "out/pipeline/step1.pt" in spec["deps"] and spec["outs"] == ["out/pipeline/train", "out/pipeline/history.json"]
-    assert stage_spec("evaluate")["outs"] == ["out/pipeline/metrics.json", "out/pipeline/per_class.json"]
-    with pytest.raises(TexqError, match="no stage 'fit'"):
-        stage_spec("fit")
-
-
-def test_params_subset_takes_keys_and_sections():
-    params = {"w_bits": 4, "seed": 0, "finetune": {"alpha6": 20, "lr": 1e-4}}
-    assert params_subset(["w_bits", "finetune", "finetune.lr"], params) == {
-        "w_bits": 4, "finetune": {"alpha6": 20, "lr": 1e-4}, "finetune.lr": 1e-4}
-    with pytest.raises(TexqError, match="'mkd'"):
-        params_subset(["mkd"], params)
-
-
-def _edited(src: Path, dest: Path, key: str, value) -> Path:
-    params = yaml.safe_load(src.read_text())
-    assign(params, key, value)
-    dest.write_text(yaml.safe_dump(params))
-    return dest
-
-
-def test_a_key_changes_the_inputs_of_the_stages_that_read_it(tiny_params, tmp_path):
-    out = tmp_path / "out"
-    base = {s: stage_inputs(s, tiny_params, out) for s in ("teacher", "synthesize", "train", "evaluate")}
-    alpha6 = _edited(tiny_params, tmp_path / "a.yaml", "finetune.alpha6", 7.0)
-    batch = _edited(tiny_params, tmp_path / "b.yaml", "evaluate.batch_size", 64)
-    changed_a = {s for s in base if stage_inputs(s, alpha6, out) != base[s]}
-    changed_b = {s for s in base if stage_inputs(s, batch, out) != base[s]}
-    assert changed_a == {"train"}  # evaluate follows through train's outs (its deps hash)
-    assert changed_b == {"teacher", "evaluate"}
-    assert stage_inputs("train", tiny_params, tmp_path / "elsewhere") != base["train"]
-
-
-def test_content_hash_sees_bytes_names_and_absence(tmp_path):
-    d = tmp_path / "d"
-    d.mkdir()
-    (d / "a.txt").write_text("one")
-    h1 = content_hash([d])
-    assert content_hash([d]) == h1
-    (d / "a.txt").write_text("two")
-    h2 = content_hash([d])
-    (d / "a.txt").rename(d / "b.txt")
-    h3 = content_hash([d])
-    (d / "b.txt").unlink()
-    h4 = content_hash([d])
-    assert len({h1, h2, h3, h4}) == 4  # content, then name, then absence all change it
-
-
-def test_cache_is_only_used_while_the_outs_are_as_recorded(tiny_params, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    inputs = stage_inputs("evaluate", tiny_params, out)
-    assert not may_use_cache("evaluate", out, inputs)  # never ran
-    (out / "metrics.json").write_text(json.dumps({"top1": 50.0}))
-    record("evaluate", out, inputs)
-    assert may_use_cache("evaluate", out, inputs)
-    assert not may_use_cache("evaluate", out, {**inputs, "out": "other"})  # other inputs
-    (out / "metrics.json").write_text(json.dumps({"top1": 51.0}))  # outs changed since
-    assert not may_use_cache("evaluate", out, inputs)
-    (out / "metrics.json").unlink()  # outs gone
-    assert not may_use_cache("evaluate", out, inputs)
 
 
 def test_loss_curves_plot_each_history_column_per_epoch():
@@ -103,10 +33,12 @@ def test_loss_curves_plot_each_history_column_per_epoch():
 
 
 def test_every_code_dep_in_dvc_yaml_exists():
-    from flows.cache import ROOT
+    from flows import ROOT
 
-    for name in ("teacher", "synthesize", "train", "evaluate"):
-        for dep in stage_spec(name)["deps"]:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == {"teacher", "synthesize", "train", "evaluate"}
+    for name, stage in stages.items():
+        for dep in stage["deps"]:
             assert dep.startswith("out/pipeline/") or (ROOT / dep).exists(), (name, dep)
 
 
