@@ -9,11 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 MAX_GRID = 100  # most images in a picture's grid (10 rows of 10)
-COUNTS = {"q_mixed"}  # not a loss: mixed samples per batch (Eq. 9), its own panel
-PANELS = (("generator (Eq. 12 terms)", lambda k: k.startswith("g_")),
-          ("quantized model (Eq. 13-14 terms)", lambda k: k.startswith("q_") and k not in COUNTS),
+COUNTS = {"quantized/mixed_per_step"}  # not a loss: mixed samples per batch (Eq. 9), its own panel
+PANELS = (("generator (Eq. 12 terms)", lambda k: k.startswith("generator/")),
+          ("quantized model (Eq. 13-14 terms)", lambda k: k.endswith("_loss") and k.startswith("quantized/")),
           ("mixup: mixed samples per batch", lambda k: k in COUNTS),
-          ("learning rate", lambda k: k.startswith("lr")))
+          ("learning rate", lambda k: k.endswith("/lr")))
 
 
 def read_history(path: str | Path) -> list[dict]:
@@ -21,8 +21,8 @@ def read_history(path: str | Path) -> list[dict]:
 
 
 def loss_curves(rows: list[dict]):
-    """A matplotlib Figure: one panel per group of history columns (``g_*`` losses, ``q_*``
-    losses, mixed-sample counts, ``lr*``), one line per column over the epochs; a column missing
+    """A matplotlib Figure: one panel per group of history columns (``generator/*`` losses,
+    ``quantized/*_loss``, mixed-sample counts, learning rates), one line per column over the epochs; a column missing
     from an epoch leaves a gap."""
     from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
 

@@ -16,20 +16,20 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
 def test_loss_curves_plot_each_history_column_per_epoch():
     from flows.figures import loss_curves
 
-    rows = [{"epoch": 0, "phase": "warmup", "lr_q": 1e-5, "g_ce": 3.0, "g_bns": 2.0},
-            {"epoch": 1, "phase": "joint", "lr_q": 5e-6, "g_ce": 2.0, "g_bns": 1.5, "q_kd": 0.9,
-             "q_mixed": 15},
-            {"epoch": 2, "phase": "joint", "lr_q": 0.0, "g_ce": 1.0, "g_bns": 1.0, "q_kd": 0.7,
-             "q_mixed": 14}]
+    rows = [{"epoch": 0, "phase": "warmup", "quantized/lr": 1e-5, "generator/ce_loss": 3.0, "generator/bns_loss": 2.0},
+            {"epoch": 1, "phase": "joint", "quantized/lr": 5e-6, "generator/ce_loss": 2.0, "generator/bns_loss": 1.5, "quantized/kd_loss": 0.9,
+             "quantized/mixed_per_step": 15},
+            {"epoch": 2, "phase": "joint", "quantized/lr": 0.0, "generator/ce_loss": 1.0, "generator/bns_loss": 1.0, "quantized/kd_loss": 0.7,
+             "quantized/mixed_per_step": 14}]
     fig = loss_curves(rows)
     axes = fig.axes
     assert [ax.get_title().split(" ")[0] for ax in axes] == ["generator", "quantized", "mixup:", "learning"]
-    assert [ln.get_label() for ln in axes[1].lines] == ["q_kd"]  # the count is not a loss
+    assert [ln.get_label() for ln in axes[1].lines] == ["quantized/kd_loss"]  # the count is not a loss
     lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ax in axes for ln in ax.lines}
-    assert lines["g_ce"] == ([1, 2, 3], [3.0, 2.0, 1.0])
-    assert lines["q_kd"] == ([2, 3], [0.9, 0.7])  # no q_* in the warm-up epoch
-    assert lines["q_mixed"] == ([2, 3], [15, 14])
-    assert lines["lr_q"] == ([1, 2, 3], [1e-5, 5e-6, 0.0]) and "phase" not in lines
+    assert lines["generator/ce_loss"] == ([1, 2, 3], [3.0, 2.0, 1.0])
+    assert lines["quantized/kd_loss"] == ([2, 3], [0.9, 0.7])  # no q_* in the warm-up epoch
+    assert lines["quantized/mixed_per_step"] == ([2, 3], [15, 14])
+    assert lines["quantized/lr"] == ([1, 2, 3], [1e-5, 5e-6, 0.0]) and "phase" not in lines
 
 
 def test_every_code_dep_in_dvc_yaml_exists():

@@ -184,8 +184,8 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert {"calibration.alpha1", "generator.alpha5", "finetune.alpha6"} <= set(run.data.params)
     assert "alpha6" not in run.data.params  # one name per setting
     assert run.data.params["finetune.alpha6"] == "20.0" and run.data.params["profile"] == "tiny"
-    assert run.data.metrics["top1"] == metrics["top1"] and "q_kd" in run.data.metrics
-    assert len(c.get_metric_history(run.info.run_id, "g_ce")) == 3  # one point per epoch (1 + 2)
+    assert run.data.metrics["top1"] == metrics["top1"] and "quantized/kd_loss" in run.data.metrics
+    assert len(c.get_metric_history(run.info.run_id, "generator/ce_loss")) == 3  # one point per epoch (1 + 2)
     assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"metrics.json", "teacher.json", "train",
                                                                    "figures"}
     pictures = {"calibration_images.png", "generator_samples.png", "texture_histograms.png",
@@ -217,7 +217,7 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert "errors" not in plots, plots.get("errors")
     assert all(plots["data"][k][0]["content"]["data"]["values"] for k in ("loss_curves", "per_class_top1"))
     history = json.loads((repo / "out" / "pipeline" / "history.json").read_text())
-    assert [r["epoch"] for r in history] == [0, 1, 2] and "q_kd" in history[-1]
+    assert [r["epoch"] for r in history] == [0, 1, 2] and "quantized/kd_loss" in history[-1]
     _dvc(["plots", "show", "-o", str(tmp_path / "plots")], repo, env)
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "loss_curves" in html and "per_class_top1" in html

@@ -43,7 +43,7 @@ def test_texq_run_writes_every_artifact(tiny_setup, tmp_path):
     epochs = cfg.finetune.warmup_epochs + cfg.finetune.epochs
     rows = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(epochs))
-    assert rows[0]["phase"] == "warmup" and "q_kd" in rows[-1]
+    assert rows[0]["phase"] == "warmup" and "quantized/kd_loss" in rows[-1]
     # the saved quantized model reproduces the reported accuracy
     from texq.data import load_eval_data
 
@@ -80,10 +80,10 @@ def test_baselines_run(tiny_setup, tmp_path, method):
         assert (effective["generator.alpha3"], effective["generator.alpha5"]) == (0.1, 0.0)
         assert not any(k.startswith(("calibration.", "distill.")) for k in effective)
         rows = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
-        assert all(r.get("q_mixed", 0) == 0 for r in rows) and "g_lbns" not in rows[-1]
+        assert all(r.get("quantized/mixed_per_step", 0) == 0 for r in rows) and "generator/layered_bns_loss" not in rows[-1]
     if method == "real":  # mixup KD on real batches
         rows = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
-        assert sum(r.get("q_mixed", 0) for r in rows) > 0
+        assert sum(r.get("quantized/mixed_per_step", 0) for r in rows) > 0
 
 
 @pytest.mark.parametrize("method, switch", [("gdfq", "laws"), ("gdfq", "layered_bns"),
@@ -119,7 +119,7 @@ def test_same_seed_same_result_and_switches(tiny_setup, tmp_path):
     assert hist_a[0]["bns"] == pytest.approx(layered, rel=1e-4)
     assert hist_c[0]["bns"] == pytest.approx(plain, rel=1e-4) and abs(layered - plain) > 1e-3 * plain
     # ... and without MKD no sample is ever mixed (the KD term is on the batch itself)
-    mixed = [[json.loads(l).get("q_mixed", 0) for l in (tmp_path / r / "history.jsonl").read_text().splitlines()]
+    mixed = [[json.loads(l).get("quantized/mixed_per_step", 0) for l in (tmp_path / r / "history.jsonl").read_text().splitlines()]
              for r in ("a", "c")]
     assert sum(mixed[0]) > 0 and sum(mixed[1]) == 0
 

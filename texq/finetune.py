@@ -45,8 +45,17 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     return kl * (t * t)
 
 
-#: every loss term a history row can hold (G's, then Q's; ``q_mixed``: mixed samples per step)
-HISTORY_TERMS = ("g_ce", "g_bns", "g_lbns", "g_dbns", "q_ce", "q_kd", "q_mixed")
+#: every term a history row can hold, as MLflow, DVC's plot and history.jsonl name them: G's
+#: Eq. 12 terms (CE, BNS against F's running statistics, the centers' layered and distorted BNS),
+#: then Q's Eq. 13-14 terms (CE on labelled samples, KD) and the mixed samples per step (Eq. 9)
+HISTORY_TERMS = ("generator/ce_loss", "generator/bns_loss", "generator/layered_bns_loss",
+                 "generator/distorted_bns_loss", "quantized/ce_loss", "quantized/kd_loss",
+                 "quantized/mixed_per_step")
+
+
+def _short(term: str) -> str:
+    """A history term as the progress line shows it: ``generator/ce_loss`` -> ``G.ce``."""
+    return term.replace("generator/", "G.").replace("quantized/", "Q.").removesuffix("_loss")
 
 
 @dataclass
@@ -103,9 +112,9 @@ class Finetuner:
         self.center_weights = layer_weights(len(self.bns.layers), gcfg.shallow_weight, gcfg.deep_weight)
         self.total_epochs = fcfg.warmup_epochs + fcfg.epochs
         self.use_centers = sources.centers is not None and bool(gcfg.alpha4 or gcfg.alpha5)
-        self.g_terms = (["g_ce", "g_bns"] + (["g_lbns", "g_dbns"] if self.use_centers else [])
-                        if g is not None else [])
-        self.q_terms = ["q_ce", "q_kd", "q_mixed"]
+        self.g_terms = list(HISTORY_TERMS[:2] + (HISTORY_TERMS[2:4] if self.use_centers else ())
+                            if g is not None else ())
+        self.q_terms = list(HISTORY_TERMS[4:])
         state = module_state(g, qmodel)
         self._g_step = (GraphedStep(self._generator_pass, self.device, list(g.parameters()), state,
                                     cuda_graphs, rehearse=rehearse) if g is not None else None)
@@ -272,6 +281,6 @@ class Finetuner:
             self.sched_g.step()
         means = dict(zip(names, (sums / cfg.iters_per_epoch).tolist()))
         if bar is not None and means:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k != "q_mixed"})
+            bar.set_postfix({_short(k): f"{v:.3g}" for k, v in means.items() if k != HISTORY_TERMS[-1]})
         return {"epoch": epoch, "phase": "joint" if training_q else "warmup",
-                "lr_q": self.opt_q.param_groups[0]["lr"], **means}
+                "quantized/lr": self.opt_q.param_groups[0]["lr"], **means}

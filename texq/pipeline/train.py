@@ -48,5 +48,5 @@ def plot_rows(history: Path) -> list[dict]:
     (DVC plots rows only when all share their keys), null where a term is absent (G's warm-up has
     no Q terms, GDFQ no center terms, the real-data run no G terms)."""
     rows = [json.loads(line) for line in history.read_text().splitlines() if line] if history.exists() else []
-    return [{"epoch": r["epoch"], "phase": r["phase"], "lr_q": r.get("lr_q"),
+    return [{"epoch": r["epoch"], "phase": r["phase"], "quantized/lr": r.get("quantized/lr"),
              **{t: r.get(t) for t in HISTORY_TERMS}} for r in rows]
