@@ -74,9 +74,25 @@ def artifact_location() -> str | None:
 
 
 def experiment_id(c, name: str | None = None) -> str:
+    """The experiment's id (created on first use). Beside a sqlite store, an experiment whose
+    artifacts go anywhere but the ``mlartifacts/`` beside that store (MLflow fixes the absolute
+    path when it creates the experiment: a moved or copied project's store still names the old
+    folder) is refused, so that no run writes its artifacts into another checkout."""
+    from texq.errors import ConfigError
+
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name, artifact_location=artifact_location())
+    if exp is None:
+        return c.create_experiment(name, artifact_location=artifact_location())
+    expected = artifact_location()
+    if expected and exp.artifact_location.rstrip("/") != expected.rstrip("/"):
+        raise ConfigError(
+            f"{tracking_uri()}: experiment {name!r} keeps its artifacts in {exp.artifact_location}, "
+            f"not beside this store ({expected}): the store was moved or copied from another "
+            "checkout. Use a fresh experiment (MLFLOW_EXPERIMENT_NAME=...), a fresh store (move "
+            "mlflow.db away), or a tracking server, whose artifact locations are its own "
+            "(mlflow-artifacts:/...)")
+    return exp.experiment_id
 
 
 def flat_params(cfg) -> dict[str, str]:
@@ -132,13 +148,14 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
         metrics.append(Metric("fp_top1", r["top1"], now, 0))
         c.log_artifact(run_id, str(out / "teacher.json"))
     elif stage == "train":
-        folder = out / "train"
-        rows = read_history(folder / "history.jsonl")
+        folder = out / "train"  # ZeroQ trains nothing: no history.jsonl, no generator
+        rows = read_history(folder / "history.jsonl") if (folder / "history.jsonl").exists() else []
         for row in rows:
             metrics += [Metric(k, float(v), now, int(row["epoch"])) for k, v in row.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
         for name in ("summary.json", "history.jsonl", "qmodel.pt"):
-            c.log_artifact(run_id, str(folder / name), "train")
+            if (folder / name).exists():
+                c.log_artifact(run_id, str(folder / name), "train")
         if rows:
             c.log_figure(run_id, loss_curves(rows), "train/loss_curves.png")
     elif stage == "evaluate":

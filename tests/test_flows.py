@@ -135,6 +135,7 @@ def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, 
 
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("texq")
+    assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server's, not a path here
     runs = c.search_runs([exp.experiment_id])
     parents = [r for r in runs if "texq.grid" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -79,3 +79,28 @@ def test_a_bad_input_is_the_stages_own_error_anything_else_a_failure(tiny_params
     (folder / "dvc.yaml").write_text("stages:\n  teacher:\n    cmd: exit 3\n")
     with pytest.raises(workspace.StageFailed, match="exited with 3"):
         workspace.repro(folder, "teacher", env)
+
+
+def test_a_zeroq_pipeline_runs_tracked_and_its_plots_load(tiny_params, tmp_path):
+    """ZeroQ trains nothing (no history, no generator): every stage still runs and records, and
+    DVC's plots load without an error (the loss curves are empty)."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    params = yaml.safe_load(Path(tiny_params).read_text())
+    params["method"] = "zeroq"
+    folder = workspace.prepare(tmp_path / "run", params)
+    env = workspace.stage_env("cpu")
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name in ("teacher", "synthesize", "train", "evaluate"):
+        assert workspace.repro(folder, name, env) is True
+    assert json.loads((folder / "out/pipeline/history.json").read_text()) == []
+    shown = subprocess.run([*workspace._dvc_cmd(), "plots", "show", "--json"], cwd=folder, env=env,
+                           capture_output=True, text=True, check=True)
+    plots = json.loads(shown.stdout)
+    assert "errors" not in plots and len(plots["data"]["per_class_top1"]) == 1
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = c.search_runs([c.get_experiment_by_name("texq").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "zeroq"
+    assert run.data.metrics["top1"] == workspace.result(folder, "evaluate")["top1"]
