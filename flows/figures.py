@@ -160,8 +160,10 @@ def pipeline_pictures(out: Path, cfg) -> list[Path]:
     info = model_info(cfg.model)  # classes, size, normalisation: no weights needed
     folder, made, textures = out / "figures", [], {}
     metrics = json.loads((out / "metrics.json").read_text())
-    names = metrics.get("class_names")
-    name = (lambda c: names[int(c)]) if names else (lambda c: str(int(c)))  # a label's title
+    names = metrics["class_names"]  # the evaluate stage's: names, else indices
+
+    def name(c) -> str:  # a label's title
+        return names[int(c)]
     step1 = load_torch(out / "step1.pt") if (out / "step1.pt").exists() else {}
     images = step1.get("images")
     if images is not None:
@@ -195,5 +197,5 @@ def pipeline_pictures(out: Path, cfg) -> list[Path]:
     teacher = json.loads((out / "teacher.json").read_text()) if (out / "teacher.json").exists() else {}
     fp = teacher.get("per_class_top1") or [None] * len(metrics["per_class_top1"])
     made.append(save(per_class_bars(fp, metrics["per_class_top1"], f"W{cfg.w_bits}A{cfg.a_bits} {cfg.method}",
-                                     metrics.get("class_names")), folder / "per_class_top1.png"))
+                                     names), folder / "per_class_top1.png"))
     return made

@@ -169,7 +169,7 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
             for k, v in (r.get(group) or {}).items():
                 metrics.append(Metric(f"{group}.{k}", float(v), now, 0))
         per_class = r.get("per_class_top1") or []
-        names = r.get("class_names") or [str(i) for i in range(len(per_class))]
+        names = r["class_names"]  # the evaluate stage's: names, else indices
         if len(per_class) <= 100:  # ImageNet's 1000 stay in the metrics.json artifact
             metrics += [Metric(f"class_top1.{_key(n)}", v, now, 0) for n, v in zip(names, per_class)
                         if v is not None]

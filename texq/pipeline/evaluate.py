@@ -38,10 +38,9 @@ def run(params_file, out: Path, device: str = "auto", progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
     metrics.update(texture_report(cfg, info, out / "step1.pt", generator))
     metrics["train_seconds"] = summary["seconds"]
-    names = class_names(cfg.data, data)
-    if names is not None:
-        metrics["class_names"] = names
-    labels = names or [str(i) for i in range(len(metrics["per_class_top1"]))]
+    # the evaluation set's class names, else the class indices: what every later view titles with
+    labels = class_names(cfg.data, data) or [str(i) for i in range(len(metrics["per_class_top1"]))]
+    metrics["class_names"] = labels
     write_json(out / "per_class.json", [  # dvc.yaml's per-class plot: one row per class
         {"class": c, "top1": v} for c, v in zip(labels, metrics["per_class_top1"]) if v is not None])
     write_json(out / "metrics.json", metrics)
