@@ -42,9 +42,9 @@ def save_quantized(dest: str | os.PathLike, qmodel: nn.Module, extra: dict | Non
 def _float_model(obj: dict, path: str | os.PathLike, model: nn.Module | None) -> nn.Module:
     """The float model to quantize again: ``model`` if given, else a rebuild from the registry
     name or the factory (a factory's model described by the saved ModelInfo)."""
-    info = obj.get("info")  # files of texq 0.1 hold none
     if model is not None:
         return model
+    info = obj.get("info")  # files of texq 0.1 hold none
     if info is not None and info["factory"]:
         return build_factory(info["factory"], {k: v for k, v in info.items() if k != "factory"})
     if is_registered(obj["model"]):

@@ -61,6 +61,14 @@ def _float_model(cfg: RunConfig, model: nn.Module | None) -> nn.Module:
     return model.eval()
 
 
+def _difference(before, now) -> str:
+    """'field a vs b' for each field two recorded dicts differ in; 'a vs b' for two values."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return ", ".join(f"{k} {before.get(k)} vs {now.get(k)}" for k in sorted(before.keys() | now.keys())
+                         if before.get(k) != now.get(k))
+    return f"{before} vs {now}"
+
+
 def _prepare_out(out: Path, cfg: RunConfig, model: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.json"
@@ -71,11 +79,12 @@ def _prepare_out(out: Path, cfg: RunConfig, model: dict) -> None:
             raise ConfigError(f"{out} holds a run with another configuration (fingerprint "
                               f"{old.get('fingerprint')} vs {fp}): use another --out or delete it")
         now = json.loads(json.dumps(model))  # as config.json holds it (tuples as lists)
+        before = old.get("model", now)  # runs of texq 0.1 recorded no model
         for key in ("info", "architecture", "weights"):
-            before = old.get("model", now)[key]  # runs of texq 0.1 recorded no model
-            if before != now[key]:
-                raise ConfigError(f"{out} holds a run of another model (its {key}: {before} vs "
-                                  f"{now[key]}): use another --out or delete it")
+            if before[key] != now[key]:
+                raise ConfigError(f"{out} holds a run of another model ({key}: "
+                                  f"{_difference(before[key], now[key])}): use another --out or "
+                                  f"delete it")
     else:
         write_json(path, {"fingerprint": fp, "config": cfg.to_dict(), "model": model,
                           "effective": effective_settings(cfg)})

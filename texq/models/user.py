@@ -51,8 +51,8 @@ def _resolve(spec: str):
             raise ConfigError(f"model factory {spec!r}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ConfigError(f"model factory {spec!r}: {attr!r} is a {type(obj).__name__}, "
-                          f"expected a callable returning an nn.Module")
+        raise ConfigError(f"model factory {spec!r}: {attr!r} is not callable "
+                          f"({type(obj).__name__}): expected a callable returning an nn.Module")
     try:
         inspect.signature(obj).bind()
     except TypeError as exc:
