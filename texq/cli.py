@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -72,20 +73,41 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return out
 
 
+def factory_model(args: argparse.Namespace):
+    """The module a ``--model module:callable`` factory returns, described by its ``texq_info``
+    with the fields given as flags replacing its own (None for a registry name). The factory's
+    module is imported from the current folder (as ``python -m`` does) or PYTHONPATH."""
+    from texq.models import build_factory, is_factory_spec
+    from texq.models.user import REQUIRED_FIELDS
+
+    given = {k: v for k in REQUIRED_FIELDS if (v := getattr(args, k)) is not None}
+    if is_factory_spec(args.model):
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return build_factory(args.model, given)
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise TexqError(f"{flags} describe a factory's model; the registry model {args.model!r} "
+                        f"carries its own")
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     from texq.config import RunConfig
     from texq.keys import with_overrides
     from texq.run import run
 
+    model = factory_model(args)  # a factory's errors come before any work
     cfg = RunConfig.for_profile(
-        args.profile, model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+        args.profile, info=model.texq_info if model is not None else None,
+        model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
         data=args.data, train_data=args.train_data, method=args.method, w_bits=args.w_bits,
         a_bits=args.a_bits, seed=args.seed, device=args.device, laws=not args.no_laws,
         layered_bns=not args.no_layered_bns, mkd=not args.no_mkd)
     cfg = with_overrides(cfg, parse_overrides(args.set or []))
     log.info("texq run: %s W%dA%d %s, profile %s, seed %d -> %s", cfg.method, cfg.w_bits,
              cfg.a_bits, cfg.model, cfg.profile, cfg.seed, args.out)
-    return run(cfg, args.out, progress=not args.no_progress)
+    return run(cfg, args.out, progress=not args.no_progress, model=model)
 
 
 def cmd_stage(args: argparse.Namespace) -> dict:
@@ -146,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("run", help="quantize a model with TexQ or a baseline, fine-tune, evaluate")
-    r.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10")
+    r.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10, or a "
+                   "factory my_models:build returning an nn.Module (from . or PYTHONPATH)")
+    # a factory's model without texq_info is described by these (each replaces its texq_info's)
+    r.add_argument("--num-classes", type=int, help="a factory's model: its class count")
+    r.add_argument("--input-size", type=int, help="a factory's model: its square input side (px)")
+    r.add_argument("--mean", type=float, nargs=3, metavar="M", help="a factory's model: RGB mean")
+    r.add_argument("--std", type=float, nargs=3, metavar="S", help="a factory's model: RGB std")
     r.add_argument("--checkpoint", help="weights of the full-precision model")
     r.add_argument("--pretrained", action="store_true", help="use the published weights")
     r.add_argument("--data", required=True, help="evaluation set: .npz, cifar10, cifar100 or a folder")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from texq.errors import ConfigError
+from texq.models import ModelInfo, is_registered, model_info
 from texq.quant import QuantConfig, check_bits
 from texq.texture import LawsLossConfig, TextureConfig
 
@@ -156,9 +157,10 @@ class DistillConfig:
 class RunConfig:
     """Everything one run needs; ``RunConfig.for_profile`` fills the stage configs."""
 
-    model: str = "resnet20_cifar10"  # registry name
+    # registry name, 'module:callable' factory, or the ModelInfo name of a module given to texq.run
+    model: str = "resnet20_cifar10"
     checkpoint: str | None = None  # weights of the full-precision model
-    pretrained: bool = False  # or the published weights
+    pretrained: bool = False  # or the published weights (registry models)
     data: str = "cifar10"  # evaluation set (test images: final score only)
     train_data: str | None = None  # real training images, method 'real' only
     method: str = "texq"  # texq | gdfq | zeroq | real
@@ -190,8 +192,11 @@ class RunConfig:
         if self.train_data and _same_data(self.train_data, self.data):
             raise ConfigError(f"train_data={self.train_data!r} names the evaluation images "
                               f"(data={self.data!r}): test images are for the final score only")
-        if self.checkpoint is None and not self.pretrained:
+        if self.checkpoint is None and not self.pretrained and is_registered(self.model):
             raise ConfigError("give the model's weights: checkpoint=PATH or pretrained=True")
+        if self.pretrained and not is_registered(self.model):
+            raise ConfigError(f"pretrained=True: published weights exist for registry models only, "
+                              f"not for {self.model!r} (a model of one's own comes with its weights)")
         ft = self.finetune
         if ft.kd_reduction not in KD_REDUCTIONS:
             raise ConfigError(f"finetune.kd_reduction={ft.kd_reduction!r}: expected one of {KD_REDUCTIONS}")
@@ -206,17 +211,22 @@ class RunConfig:
         object.__setattr__(self, "quant", replace(self.quant, w_bits=self.w_bits, a_bits=self.a_bits))
 
     @classmethod
-    def for_profile(cls, profile: str = "paper", **kwargs) -> "RunConfig":
-        """A config whose stage settings are those of ``profile``; kwargs override top-level keys."""
+    def for_profile(cls, profile: str = "paper", info: ModelInfo | None = None, **kwargs) -> "RunConfig":
+        """A config whose stage settings are those of ``profile`` for the model ``info`` describes
+        (default: the info of ``model``, from the registry, or from the model a factory spec
+        builds); kwargs override top-level keys. A module of one's own gives
+        ``info=module.texq_info``: ``model`` then defaults to its factory, else its name."""
         if profile not in PROFILES:
             raise ConfigError(f"profile={profile!r}: expected one of {', '.join(PROFILES)}")
         stages = dict(PROFILE_STAGES[profile])
-        model = kwargs.get("model", cls.model)
-        if "cifar" not in model:
-            # 1000 classes at 224x224: step 1 in chunks of 100 classes (same result, ~1/10 memory)
+        if info is None:
+            info = model_info(kwargs.get("model", cls.model))
+        kwargs.setdefault("model", info.factory or info.name)
+        if info.num_classes > 100:
+            # e.g. ImageNet's 1000 classes: step 1 in chunks of 100 (same result, ~1/10 memory)
             calib = stages.get("calibration", CalibrationConfig())
             stages["calibration"] = replace(calib, classes_per_step=100)
-        if profile == "paper" and "cifar" not in model:
+        if profile == "paper" and info.imagenet_scale:
             # the paper's ImageNet batch; the lineage's (FDDA) ImageNet learning rate of Q
             stages["finetune"] = FinetuneConfig(batch_size=16, lr=1e-6)
         return cls(profile=profile, **{**stages, **kwargs})

@@ -64,9 +64,9 @@ class Generator(nn.Module):
     @classmethod
     def for_model(cls, info, latent_dim: int = 100) -> "Generator":
         """The generator for a model described by ``info`` (a ModelInfo): its classes and input
-        size; GDFQ's class-conditional BN for ImageNet models."""
+        size; GDFQ's class-conditional BN for ImageNet-scale models (inputs over 64 px)."""
         return cls(info.num_classes, info.input_size, latent_dim,
-                   conditional_bn=info.dataset == "imagenet")
+                   conditional_bn=info.imagenet_scale)
 
     def _bn(self, bn: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
         return bn(x, labels) if self.conditional_bn else bn(x)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from texq.models.registry import ModelInfo
+from texq.models.info import ModelInfo
 
 
 def gaussian_batches(info: ModelInfo, n_batches: int, batch_size: int, seed: int = 0

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from texq.data.arrays import npz_dataset
 from texq.errors import DataError
-from texq.models.registry import ModelInfo
+from texq.models.info import ModelInfo
 from texq.models.weights import texq_home
 
 TORCHVISION_SETS = {"cifar10": 10, "cifar100": 100}
@@ -37,7 +37,8 @@ def eval_transform(info: ModelInfo):
     from torchvision import transforms as T
 
     size = info.input_size
-    resize = [T.Resize((size, size))] if size <= 64 else [T.Resize(round(size / 0.875)), T.CenterCrop(size)]
+    resize = ([T.Resize(round(size / 0.875)), T.CenterCrop(size)] if info.imagenet_scale
+              else [T.Resize((size, size))])
     return T.Compose([*resize, T.ToTensor(), T.Normalize(info.mean, info.std)])
 
 

@@ -7,14 +7,15 @@ Names:
   shortcut, akamaster layout;
 * ``resnet18``, ``resnet50``, ``mobilenet_v2`` -- torchvision's ImageNet models.
 
-Every model returned by :func:`create_model` carries a :class:`ModelInfo` as ``model.texq_info``:
-its class count, input size and the mean/std its inputs are normalised with.
+A ``module:callable`` factory spec stands for a model of one's own wherever a name does
+(:mod:`texq.models.user`). Every model returned by :func:`create_model` carries a
+:class:`ModelInfo` as ``model.texq_info``: its class count, input size and the mean/std its inputs
+are normalised with.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
@@ -22,6 +23,8 @@ from torch import nn
 from texq.errors import CheckpointError, ConfigError
 from texq.models.checkpoint import load_checkpoint
 from texq.models.cifar_resnet import CifarResNet, CifarResNetA, blocks_per_stage
+from texq.models.info import ModelInfo, get_info
+from texq.models.user import build_factory, is_factory_spec
 from texq.models.weights import PRETRAINED, fetch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,21 +39,6 @@ TORCHVISION_MODELS = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V1",
 LISTED_CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a user of a model needs to feed it."""
-
-    name: str
-    num_classes: int
-    input_size: int  # square input side in pixels
-    mean: tuple[float, float, float]  # per-channel mean of RGB in [0, 1] subtracted at input
-    std: tuple[float, float, float]  # per-channel std divided at input
-    dataset: str  # 'cifar10', 'cifar100' or 'imagenet'
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def list_models() -> list[str]:
     """Registered names (CIFAR ResNets accept any depth 6n+2; the usual ones are listed)."""
     names = [f"resnet{d}{s}_cifar{c}" for s in ("", "a") for c in (10, 100)
@@ -58,8 +46,16 @@ def list_models() -> list[str]:
     return names + list(TORCHVISION_MODELS)
 
 
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registry name (a CIFAR ResNet name of any depth, or listed)."""
+    return bool(CIFAR_NAME.match(name)) or name in TORCHVISION_MODELS
+
+
 def model_info(name: str) -> ModelInfo:
-    """The :class:`ModelInfo` of a registered name; ConfigError for unknown names."""
+    """The :class:`ModelInfo` of a registered name, or of the model a factory spec builds (the
+    factory is called); ConfigError for unknown names."""
+    if is_factory_spec(name):
+        return get_info(build_factory(name))
     m = CIFAR_NAME.match(name)
     if m:
         depth, style, classes = int(m.group(1)), m.group(2), int(m.group(3))
@@ -72,7 +68,8 @@ def model_info(name: str) -> ModelInfo:
     if name in TORCHVISION_MODELS:
         return ModelInfo(name, 1000, 224, IMAGENET_MEAN, IMAGENET_STD, "imagenet")
     raise ConfigError(f"unknown model {name!r}; known: resnet{{D}}_cifar{{10,100}}, "
-                      f"resnet{{D}}a_cifar{{10,100}} (D = 6n+2), {', '.join(TORCHVISION_MODELS)}")
+                      f"resnet{{D}}a_cifar{{10,100}} (D = 6n+2), {', '.join(TORCHVISION_MODELS)}, "
+                      f"or a factory 'module:callable' returning a model of one's own")
 
 
 def _build(info: ModelInfo, pretrained: bool) -> nn.Module:
@@ -92,7 +89,14 @@ def _build(info: ModelInfo, pretrained: bool) -> nn.Module:
 
 def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None) -> nn.Module:
     """Build ``name`` (eval mode); load ``checkpoint`` if given, else published weights if
-    ``pretrained``; attach its :class:`ModelInfo` as ``texq_info``."""
+    ``pretrained``; attach its :class:`ModelInfo` as ``texq_info``. A factory spec's model comes
+    with the weights its factory gives it (``checkpoint`` replaces them; no published weights)."""
+    if is_factory_spec(name):
+        if pretrained:
+            raise ConfigError(f"no published weights for a model of one's own ({name!r}): its "
+                              f"factory loads them, or pass a checkpoint path")
+        model = build_factory(name)
+        return load_checkpoint(model, checkpoint, name) if checkpoint is not None else model
     info = model_info(name)
     model = _build(info, pretrained and checkpoint is None)
     if checkpoint is not None:
@@ -104,12 +108,3 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
                           f"(published: {', '.join(PRETRAINED)})")
     model.texq_info = info
     return model.eval()
-
-
-def get_info(model: nn.Module) -> ModelInfo:
-    """The :class:`ModelInfo` a registry model carries."""
-    info = getattr(model, "texq_info", None)
-    if not isinstance(info, ModelInfo):
-        raise ConfigError("this model carries no texq_info (input size, normalisation): "
-                          "build it with texq.models.create_model or set model.texq_info")
-    return info

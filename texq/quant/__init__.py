@@ -9,6 +9,7 @@ from texq.quant.api import (
     quantizable_layers,
     quantize,
     set_observing,
+    unquantized_layers,
 )
 from texq.quant.functional import (
     dequantize_eq2,
@@ -21,7 +22,7 @@ from texq.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQua
 
 __all__ = [
     "FULL_PRECISION", "QuantConfig", "act_quantizers", "calibrate", "check_bits",
-    "quantizable_layers", "quantize", "set_observing", "dequantize_eq2", "fake_quantize",
-    "quantize_eq1", "reference_fake_quantize", "scale_and_zero_point", "ActQuantizer",
+    "quantizable_layers", "quantize", "set_observing", "unquantized_layers", "dequantize_eq2",
+    "fake_quantize", "quantize_eq1", "reference_fake_quantize", "scale_and_zero_point", "ActQuantizer",
     "QuantConv2d", "QuantLinear", "WeightQuantizer",
 ]

@@ -1,9 +1,10 @@
 """``quantize(model, QuantConfig(...))`` and ``calibrate(qmodel, batches)``.
 
 ``quantize`` returns a fake-quantized copy of a float model and leaves the original untouched:
-every ``nn.Conv2d`` and ``nn.Linear`` becomes a :class:`QuantConv2d` / :class:`QuantLinear` whose
-weights are quantized, and whose input activation is quantized unless the layer reads the raw
-image (the first layer). BatchNorm stays as it is unless ``fold_bn=True``.
+every ``nn.Conv2d`` and ``nn.Linear`` (``quantizable_layers``) becomes a :class:`QuantConv2d` /
+:class:`QuantLinear` whose weights are quantized, and whose input activation is quantized unless
+the layer reads the raw image (the first layer). BatchNorm stays as it is unless ``fold_bn=True``;
+other layers with weights stay in float, listed by ``unquantized_layers``.
 """
 
 from __future__ import annotations
@@ -71,9 +72,34 @@ class QuantConfig:
                 and self.last_layer_bits in (None, FULL_PRECISION))
 
 
+def _replaceable(m: nn.Module) -> bool:
+    """A Conv2d or Linear computed by its class's own forward (a subclass that overrides it would
+    lose its behaviour to QuantConv2d / QuantLinear)."""
+    cls = type(m)
+    if isinstance(m, nn.Conv2d):
+        return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    return isinstance(m, nn.Linear) and cls.forward is nn.Linear.forward
+
+
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Conv2d and Linear, in module registration order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """(name, module) of every Conv2d and Linear texq quantizes, in module registration order:
+    not one whose subclass overrides the computation, nor the output projection of an
+    ``nn.MultiheadAttention`` (which reads its weights directly, bypassing any quantizer)."""
+    attention = tuple(f"{n}." if n else "" for n, m in model.named_modules()
+                      if isinstance(m, nn.MultiheadAttention))
+    return [(n, m) for n, m in model.named_modules()
+            if _replaceable(m) and not (attention and n.startswith(attention))]
+
+
+def unquantized_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, class name) of every module holding weights of its own that ``quantize`` leaves in
+    float, BatchNorm aside (kept in float by design): ConvTranspose2d, Conv1d, Embedding,
+    MultiheadAttention, LayerNorm, custom modules with their own parameters ... ("" names the
+    model itself)."""
+    quantized = {n for n, _ in quantizable_layers(model)}
+    return [(n, type(m).__name__) for n, m in model.named_modules()
+            if n not in quantized and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and next(m.parameters(recurse=False), None) is not None]
 
 
 def _weight_quant(bits: int, cfg: QuantConfig) -> nn.Module:
