@@ -206,7 +206,8 @@ its eval mode): loading it needs texq importable."""
     x = np.zeros((1, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         y = q(torch.from_numpy(x)).numpy()
-    name = f"texq-{cfg.model}-w{cfg.w_bits}a{cfg.a_bits}" if register else None
+    model = "".join(ch if ch.isalnum() or ch in "_-." else "-" for ch in cfg.model)  # a factory's ':'
+    name = f"texq-{model}-w{cfg.w_bits}a{cfg.a_bits}" if register else None
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):  # mlflow.pytorch logs into the active run only
         info = mlflow.pytorch.log_model(
