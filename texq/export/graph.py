@@ -204,7 +204,7 @@ def insert_qdq(proto: "onnx.ModelProto", layers: list[LayerQDQ]) -> None:
     at = match_layers(proto, layers)
     by_node = {at[layer.name]: layer for layer in layers}
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
+    inits = {t.name: t for t in copy.deepcopy(list(graph.initializer))}
     new_nodes, new_inits = [], []
     for i, node in enumerate(copy.deepcopy(list(graph.node))):
         layer = by_node.get(i)
