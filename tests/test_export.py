@@ -41,10 +41,13 @@ def layers_of(qmodel):
     return [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
 
 
-def check_on_test1000(path, qmodel, data) -> None:
-    """The acceptance bar: >= 99.5% same predictions, top-1 within 0.2 points."""
+def check_on_test1000(path, qmodel, data, record_property) -> None:
+    """The acceptance bar: >= 99.5% same predictions, top-1 within 0.2 points; the figures are
+    printed (pytest -s) and recorded as the test's properties (--junitxml)."""
     res = compare(session(path), qmodel, DataLoader(data, batch_size=500))
-    print(f"\n{path.name}: {res}")  # the largest logit difference, for the record
+    print(f"\n{path.name}: {res}")
+    for key, value in res.to_dict().items():
+        record_property(key, value)
     assert res.n == 1000 and res.agreement >= 99.5
     assert abs(res.onnx_top1 - res.texq_top1) <= 0.2
     assert np.isfinite(res.max_abs_logit_diff) and res.mean_abs_logit_diff < 0.05
@@ -99,34 +102,37 @@ def test_cli_exports_a_run(tiny_export):
 
 
 @pytest.mark.assets
-def test_exported_run_agrees_on_test1000(tiny_export, test1000):
+def test_exported_run_agrees_on_test1000(tiny_export, test1000, record_property):
     run_dir, dest, _, _ = tiny_export
     qmodel = load_run(run_dir)
-    check_on_test1000(dest, qmodel, load_eval_data(str(test1000), qmodel.texq_info))
+    check_on_test1000(dest, qmodel, load_eval_data(str(test1000), qmodel.texq_info),
+                      record_property)
 
 
 @pytest.mark.assets
 @pytest.mark.parametrize("bits", [4, 3], ids=["W4A4", "W3A3"])
-def test_shared_resnet20_agrees_on_test1000(shared_model, test1000_data, tmp_path, bits):
+def test_shared_resnet20_agrees_on_test1000(shared_model, test1000_data, tmp_path, bits,
+                                            record_property):
     qmodel = calibrated(shared_model, w_bits=bits, a_bits=bits)
     summary = export_onnx(qmodel, tmp_path / "r20.onnx")
     assert summary.layers == 20 and summary.weight_types == {"UINT4": 20}
-    check_on_test1000(tmp_path / "r20.onnx", qmodel, test1000_data)
+    check_on_test1000(tmp_path / "r20.onnx", qmodel, test1000_data, record_property)
 
 
 # --- unit checks against independent computations ------------------------------------------------
 
 @pytest.fixture(scope="module")
 def r8_mixed():
-    """A random-init ResNet-8 with one all-positive and one all-negative output channel in the
-    first conv (zero points outside UINT4), quantized W3A3 with an 8-bit last layer, and its ONNX."""
+    """A random-init ResNet-8 quantized W3A3 with an 8-bit first and last layer, and its ONNX.
+    One output channel of the first conv is all positive and one all negative, and so is one of
+    the next conv's: their zero points lie outside 0..2^b - 1."""
     torch.manual_seed(0)
     model = create_model("resnet8_cifar10")
     with torch.no_grad():
-        w = model.features.init_block.conv.weight
-        w[0] = w[0].abs() + 0.05
-        w[1] = -w[1].abs() - 0.05
-    qmodel = calibrated(model, w_bits=3, a_bits=3, last_layer_bits=8)
+        for conv in (model.features.init_block.conv, model.features.stage1.unit1.body.conv1.conv):
+            conv.weight[0] = conv.weight[0].abs() + 0.05
+            conv.weight[1] = -conv.weight[1].abs() - 0.05
+    qmodel = calibrated(model, w_bits=3, a_bits=3, first_layer_bits=8, last_layer_bits=8)
     proto, _ = to_onnx(qmodel)
     return qmodel, proto
 
@@ -171,11 +177,13 @@ def test_weight_codes_dequantize_to_texq_weights_exactly(per_channel, r8_mixed):
         assert np.array_equal(w_onnx, w_texq), name  # bit for bit
         assert np.array_equal(under_ort[name], w_texq), name  # and so under ONNX Runtime
     types = {n.name: n for n in proto.graph.initializer}
-    if per_channel:  # zero points -15.. and 15+ (one-signed channels) need a signed 8-bit type
-        assert types["features.init_block.conv.weight_codes"].data_type == onnx.TensorProto.INT8
-        assert types["output.weight_codes"].data_type == onnx.TensorProto.UINT8  # 8-bit last layer
+    if per_channel:  # one-signed channels: zero points below 0 and above 2^b - 1
+        assert types["features.init_block.conv.weight_codes"].data_type == onnx.TensorProto.INT16
         assert types["features.stage1.unit1.body.conv1.conv.weight_codes"].data_type == \
+            onnx.TensorProto.INT8
+        assert types["features.stage1.unit1.body.conv2.conv.weight_codes"].data_type == \
             onnx.TensorProto.UINT4
+        assert types["output.weight_codes"].data_type == onnx.TensorProto.UINT8  # 8-bit last layer
     else:
         assert all(types[f"{n}.weight_scale"].dims == [] for n, _ in layers)
 
@@ -185,13 +193,14 @@ def test_metadata_and_layer_types(r8_mixed):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["texq.version"] == texq.__version__ and meta["texq.model"] == "resnet8_cifar10"
     assert (meta["texq.w_bits"], meta["texq.a_bits"]) == ("3", "3")
-    assert (meta["texq.first_layer_bits"], meta["texq.last_layer_bits"]) == ("3", "8")
+    assert (meta["texq.first_layer_bits"], meta["texq.last_layer_bits"]) == ("8", "8")
     assert meta["texq.per_channel"] == "True" and meta["texq.quantize_input"] == "False"
     assert json.loads(meta["texq.input"])["mean"] == list(qmodel.texq_info.mean)
     rows = {r["layer"]: r for r in json.loads(meta["texq.layers"])}
     assert list(rows) == [n for n, _ in layers_of(qmodel)]
     first, last = rows["features.init_block.conv"], rows["output"]
-    assert (first["a_bits"], first["input_type"], first["weight_type"]) == (32, "FLOAT", "INT8")
+    assert (first["w_bits"], first["a_bits"], first["input_type"], first["weight_type"]) == (
+        8, 32, "FLOAT", "INT16")
     assert (last["w_bits"], last["a_bits"], last["input_type"], last["input_clip"]) == (
         8, 8, "UINT8", False)  # 8-bit codes: UINT8's saturation is Eq. 1's clip
     middle = rows["features.stage2.unit1.body.conv1.conv"]

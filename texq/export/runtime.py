@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from texq.export.graph import INPUT_NAME
+from texq.models import ModelInfo
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -88,7 +89,7 @@ def compare(sess: "onnxruntime.InferenceSession", qmodel: nn.Module,
                      _percent(ours_ok, n) if labels else None)
 
 
-def check_batches(info, data: str | None, noise_images: int = 64, seed: int = 0,
+def check_batches(info: ModelInfo, data: str | None, noise_images: int = 64, seed: int = 0,
                   batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
     """Inputs for :func:`compare`: the evaluation set ``data`` (labelled), or else
     ``noise_images`` Gaussian-noise images in the model's input space (no labels)."""
