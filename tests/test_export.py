@@ -88,13 +88,13 @@ def test_cli_exports_a_run(tiny_export):
     assert ops.count("QuantizeLinear") == n_layers - 1  # the raw image is not quantized
     assert ops.count("DequantizeLinear") == 2 * n_layers - 1
     assert ops.count("BatchNormalization") == 9  # BN left unfolded
-    assert ops.count("Clip") == (0 if bits == 4 else n_layers - 1)
+    assert ops.count("Clip") == n_layers - 1  # b < 8: codes clipped at 2^b - 1 before UINT8
     assert {o.domain: o.version for o in proto.opset_import}[""] == OPSET
     # the JSON line
     assert (res["command"], res["w_bits"], res["a_bits"], res["layers"]) == ("export", bits, bits, 10)
     assert res["bytes"] == dest.stat().st_size and res["onnx"] == str(dest)
     assert res["weight_types"] == {"UINT4": 10}
-    assert res["input_types"] == ({"UINT4": 9} if bits == 4 else {"UINT8+Clip": 9})
+    assert res["input_types"] == {"UINT8+Clip": 9}
     check = res["check"]
     assert check["n"] == 40 and check["agreement"] >= 97.5
     assert check["onnx_top1"] == pytest.approx(check["texq_top1"], abs=2.5)
@@ -220,14 +220,17 @@ def _act_under_ort(aq: ActQuantizer, x: np.ndarray) -> tuple[np.ndarray, object]
 
 
 @pytest.mark.parametrize("bits, lo, hi, x, expected, dtype, clip", [
+    # S = 255 / 31.875 = 8, ZP = 0: UINT8's saturation at 255 is Eq. 1's clip, no Clip node
+    (8, 0.0, 31.875, [-1, 0, 0.06, 0.07, 31.875, 40], [0, 0, 0, 0.125, 31.875, 31.875],
+     "UINT8", None),
     # S = 15 / 1.875 = 8, ZP = round(-8) = -8: x_q = clip(round(8x + 8), 0, 15), x_d = (x_q - 8) / 8
     (4, -1.0, 0.875, [-2, -1, -0.3, 0, 0.1, 0.4, 0.875, 0.9, 3],
-     [-1, -1, -0.25, 0, 0.125, 0.375, 0.875, 0.875, 0.875], "UINT4", None),
+     [-1, -1, -0.25, 0, 0.125, 0.375, 0.875, 0.875, 0.875], "UINT8", (-1.0, 0.875)),
     # S = 7 / 0.875 = 8, ZP = -4: codes clip at 2^3 - 1 = 7, so 1.0 -> round(12) -> 7 -> 0.375
     # (an 8-bit QuantizeLinear alone would keep code 12 and return 1.0)
     (3, -0.5, 0.375, [-1, -0.5, -0.2, 0, 0.2, 0.375, 0.4, 1],
      [-0.5, -0.5, -0.25, 0, 0.25, 0.375, 0.375, 0.375], "UINT8", (-0.5, 0.375)),
-    # a range without 0: S = 8, ZP = round(4) = 4, ONNX zero point -4 (outside UINT4)
+    # a range without 0: S = 8, ZP = round(4) = 4, ONNX zero point -4 (outside UINT8)
     (4, 0.5, 2.375, [0, 0.5, 1, 1.3, 2.375, 2.5, 10],
      [0.5, 0.5, 1, 1.25, 2.375, 2.375, 2.375], "INT8", (0.5, 2.375)),
 ])
@@ -268,6 +271,25 @@ def test_a_bn_folded_model_keeps_texq_arithmetic_under_default_ort(tmp_path):
     x = next(gaussian_batches(qmodel.texq_info, 1, 64, seed=1))
     res = compare(session(tmp_path / "f.onnx"), qmodel, [(x, None)])
     assert res.agreement == 100.0 and res.mean_abs_logit_diff < 1e-4, res
+
+
+def test_a_relu6_model_loads_and_agrees_under_default_ort(tmp_path):
+    """ReLU6 exports as a Clip right before the next layer's QuantizeLinear (MobileNetV2's case),
+    which ONNX Runtime 1.32 cannot load when that QuantizeLinear is UINT4."""
+    from torch import nn
+
+    from texq.models import ModelInfo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    model.texq_info = ModelInfo("relu6_net", 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cifar10")
+    qmodel = calibrated(model, w_bits=4, a_bits=4)
+    export_onnx(qmodel, tmp_path / "r6.onnx")
+    x = next(gaussian_batches(model.texq_info, 1, 32, seed=1))
+    res = compare(session(tmp_path / "r6.onnx"), qmodel, [(x, None)])
+    assert res.agreement == 100.0 and res.max_abs_logit_diff < 1e-4, res
 
 
 # --- errors ----------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ c = clip(round(x*S - ZP), 0, 2^b - 1) dequantizes to (c - zero_point) * scale, w
 DequantizeLinear computes. The weights' integer codes are recovered from texq's own fake-quantized
 weights and checked to dequantize to them bit for bit.
 
-Integer types: a b-bit code is held in the narrowest ONNX integer type (opset 21) whose range
-holds every code 0..2^b - 1 and every zero point. For activations, QuantizeLinear's saturation is
-Eq. 1's clip only when the type has exactly 2^b levels (UINT4 for 4 bits, UINT8 for 8 bits) and
-the zero point fits it; any other case gets an explicit Clip to the float values of codes 0 and
-2^b - 1 before an 8-bit (or wider) QuantizeLinear.
+Integer types: a weight's b-bit codes are held in the narrowest ONNX integer type (opset 21)
+whose range holds every code 0..2^b - 1 and every zero point (UINT4 for 2-4 bits). Activation
+codes go through an 8-bit QuantizeLinear: at 8 bits UINT8's saturation is exactly Eq. 1's clip;
+below 8 bits an explicit Clip to the float values of codes 0 and 2^b - 1 comes first. (A UINT4
+QuantizeLinear would saturate exactly at 4 bits too, but ONNX Runtime 1.32 fails to load a UINT4
+QuantizeLinear behind a Clip, e.g. after MobileNetV2's ReLU6, and 8-bit activation Q/DQ is what
+runtimes support most widely.)
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 WEIGHT_TYPES = ("UINT4", "UINT8", "INT8", "UINT16", "INT16")
 #: candidate types for activation codes behind an explicit Clip (8-bit first: widest runtime support)
 CLIPPED_ACT_TYPES = ("UINT8", "INT8", "UINT16", "INT16")
-#: types whose saturation is exactly Eq. 1's clip for b-bit activation codes
-EXACT_ACT_TYPES = {4: "UINT4", 8: "UINT8"}
 
 
 def integer_type(zero_points: np.ndarray, qmax: int, candidates: tuple[str, ...]) -> str | None:
@@ -141,9 +141,8 @@ def act_qdq(name: str, aq: ActQuantizer) -> ActQDQ:
     p = static_qparams(aq.x_min, aq.x_max, aq.bits, integer_zero_point=True)
     scale = np.float32(1.0) / np.float32(p.scale)
     zero_point = -int(p.zero_point)
-    exact = EXACT_ACT_TYPES.get(aq.bits)
-    if exact is not None and 0 <= zero_point <= p.qmax:
-        return ActQDQ(scale, zero_point, aq.bits, exact, None)
+    if aq.bits == 8 and 0 <= zero_point <= p.qmax:  # UINT8's saturation is Eq. 1's clip
+        return ActQDQ(scale, zero_point, aq.bits, "UINT8", None)
     dtype = integer_type(np.array([zero_point]), p.qmax, CLIPPED_ACT_TYPES)
     if dtype is None:
         raise ExportError(f"layer {name!r}: activation zero point {zero_point} (range "
