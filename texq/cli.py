@@ -140,6 +140,26 @@ def cmd_models(args: argparse.Namespace) -> dict:
     return {"command": "models", "models": [r["name"] for r in rows]}
 
 
+def cmd_export(args: argparse.Namespace) -> dict:
+    from texq.export import export_onnx, load_run, require_onnx
+    from texq.export.runtime import check_batches, compare, session
+    from texq.models import get_info
+
+    start = time.perf_counter()
+    require_onnx()
+    qmodel = load_run(args.run_dir)
+    summary = export_onnx(qmodel, args.onnx)
+    log.info("wrote %s (%d bytes): %d quantized layers, weights %s, inputs %s", summary.onnx,
+             summary.bytes, summary.layers, summary.weight_types, summary.input_types)
+    batches = check_batches(get_info(qmodel), args.check_data, args.check_images)
+    check = compare(session(args.onnx), qmodel, batches)
+    log.info("ONNX Runtime vs texq on %d %s: %.2f%% same class, max |logit diff| %.3g", check.n,
+             args.check_data or "Gaussian-noise images", check.agreement, check.max_abs_logit_diff)
+    return {"command": "export", "run_dir": args.run_dir, **summary.to_dict(),
+            "check_data": args.check_data or "gaussian-noise", "check": check.to_dict(),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="texq", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="also write compare.csv and compare.md into this folder")
     c.add_argument("--by", nargs="+", metavar="PARAM", help="more settings to group by, e.g. finetune.alpha6")
     c.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("export", help="write a run's quantized model as an ONNX QDQ graph")
+    x.add_argument("run_dir", help="run folder holding qmodel.pt (texq run --out, or out/pipeline/train)")
+    x.add_argument("--onnx", required=True, help="the .onnx file to write (atomically)")
+    x.add_argument("--check-data", help="compare ONNX Runtime with texq on this evaluation set "
+                   "(.npz, cifar10, ...); default: Gaussian-noise images")
+    x.add_argument("--check-images", type=int, default=64, help="noise images of the default check")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list registered model names")
     m.set_defaults(func=cmd_models)

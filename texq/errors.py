@@ -22,3 +22,7 @@ class DataError(TexqError):
 
 class ConfigError(TexqError):
     """A configuration value is outside its allowed range."""
+
+
+class ExportError(TexqError):
+    """A model cannot be written in the asked format (a missing package, a setting it cannot hold)."""

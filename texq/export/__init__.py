@@ -1,0 +1,135 @@
+"""Deployable models: a quantized model as an ONNX QDQ graph (``texq export``).
+
+    qmodel = load_run("runs/texq-w4a4-s0")          # the run's qmodel.pt
+    summary = export_onnx(qmodel, "model.onnx")     # onnx.checker-checked, written atomically
+
+Needs the export extra, ``pip install 'texq[export]'`` (onnx, onnxruntime, and onnxscript for
+torch's exporter); texq imports them only when exporting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+import texq
+from texq.errors import CheckpointError, ExportError
+from texq.export.qparams import LayerQDQ, float_model, quantized_layers
+from texq.io import atomic_path
+from texq.models import get_info
+
+if TYPE_CHECKING:
+    import onnx
+
+INSTALL_HINT = "pip install 'texq[export]'"
+REQUIRED = ("onnx", "onnxruntime", "onnxscript")
+
+
+def require_onnx() -> None:
+    """Raise ExportError naming the first missing package of the export extra."""
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ExportError(f"exporting to ONNX needs the {name} package, which is not "
+                              f"installed: {INSTALL_HINT}") from exc
+
+
+def load_run(run_dir: str | os.PathLike) -> nn.Module:
+    """The quantized model a run folder holds (``qmodel.pt``), in eval mode."""
+    from texq.artifacts import load_quantized
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"run folder not found: {path} (expected a folder written by "
+                              "`texq run`, holding qmodel.pt)")
+    qpath = path / "qmodel.pt"
+    if not qpath.is_file():
+        raise CheckpointError(f"no quantized model in run folder {path}: {qpath.name} not found "
+                              "(a run writes it when it finishes)")
+    return load_quantized(qpath)
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What :func:`export_onnx` wrote."""
+
+    onnx: str  # the file
+    bytes: int  # its size
+    model: str
+    w_bits: int
+    a_bits: int
+    layers: int  # quantized Conv/Gemm layers
+    weight_types: dict[str, int]  # ONNX integer type of weight codes -> number of layers
+    input_types: dict[str, int]  # QuantizeLinear output type (+ "+Clip") -> number of layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def metadata(qmodel: nn.Module, layers: list[LayerQDQ]) -> dict[str, str]:
+    """``metadata_props`` of the exported model: texq's version, the model, its bit widths and
+    input normalisation, and each layer's bits and integer types."""
+    info, cfg = get_info(qmodel), qmodel.texq_quant
+    rows = [{"layer": layer.name,
+             "w_bits": layer.weight.bits if layer.weight else 32,
+             "weight_type": layer.weight.dtype if layer.weight else "FLOAT",
+             "a_bits": layer.act.bits if layer.act else 32,
+             "input_type": layer.act.dtype if layer.act else "FLOAT",
+             "input_clip": bool(layer.act and layer.act.clip is not None)} for layer in layers]
+    props = {
+        "texq.version": texq.__version__, "texq.model": info.name,
+        "texq.w_bits": cfg.w_bits, "texq.a_bits": cfg.a_bits,
+        "texq.first_layer_bits": rows[0]["w_bits"], "texq.last_layer_bits": rows[-1]["w_bits"],
+        "texq.per_channel": cfg.per_channel, "texq.quantize_input": cfg.quantize_input,
+        "texq.zero_point": "ONNX scale = 1/S, zero_point = -ZP of Eq. 1 (integer)",
+        "texq.input": json.dumps({"layout": "NCHW float32 RGB in [0, 1], then (x - mean) / std",
+                                  "size": info.input_size, "mean": info.mean, "std": info.std}),
+        "texq.num_classes": info.num_classes,
+        "texq.layers": json.dumps(rows),
+    }
+    return {k: str(v) for k, v in props.items()}
+
+
+def to_onnx(qmodel: nn.Module) -> tuple["onnx.ModelProto", list[LayerQDQ]]:
+    """The QDQ graph of ``qmodel`` (checked by onnx.checker) and its layers' QDQ parameters."""
+    require_onnx()
+    import onnx
+    from onnx import helper
+
+    from texq.export.graph import float_graph, insert_qdq
+
+    if getattr(qmodel, "texq_quant", None) is None:
+        raise ExportError("the model is not quantized: export a model from texq.quantize or a "
+                          "run's qmodel.pt")
+    layers = quantized_layers(qmodel)
+    proto = float_graph(float_model(qmodel), get_info(qmodel).input_size)
+    insert_qdq(proto, layers)
+    proto.producer_name, proto.producer_version = "texq", texq.__version__
+    helper.set_model_props(proto, metadata(qmodel, layers))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, layers
+
+
+def export_onnx(qmodel: nn.Module, dest: str | os.PathLike) -> ExportSummary:
+    """Write ``qmodel`` to ``dest`` as an ONNX QDQ graph (atomically)."""
+    proto, layers = to_onnx(qmodel)
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+    cfg = qmodel.texq_quant
+    inputs = Counter(f"{x.act.dtype}{'+Clip' if x.act.clip is not None else ''}"
+                     for x in layers if x.act)
+    return ExportSummary(str(dest), Path(dest).stat().st_size, get_info(qmodel).name, cfg.w_bits,
+                         cfg.a_bits, len(layers),
+                         dict(Counter(x.weight.dtype for x in layers if x.weight)), dict(inputs))
+
+
+__all__ = ["ExportSummary", "INSTALL_HINT", "export_onnx", "load_run", "metadata", "require_onnx",
+           "to_onnx"]
