@@ -322,3 +322,26 @@ def test_layers_texq_cannot_quantize_are_listed_not_replaced():
                                          ("norm", "LayerNorm")]
     q = quantize(model, QuantConfig())
     assert type(q.attn.out_proj) is type(model.attn.out_proj) and type(q.scaled) is _Scaled
+
+
+def test_cli_eval_scores_a_factory_model_and_refuses_pretrained(factories, folder, tmp_path, capsys):
+    """texq eval takes the same factory spec as texq run: the factory's own weights, or a
+    checkpoint loaded into its module; top-1 equals an independent count over the folder."""
+    import texq_test_factories as f
+
+    from texq.data import load_eval_data
+
+    spec = f"{factories}:build"
+    rc = main(["eval", "--model", spec, "--data", str(folder), "--device", "cpu", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    net = f.build().eval()
+    data = load_eval_data(str(folder), net.texq_info)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([int(data[i][1]) for i in range(len(data))])
+    with torch.no_grad():
+        expected = 100.0 * float((net(x).argmax(1) == y).float().mean())
+    assert result["n"] == 8 and abs(result["top1"] - expected) < 1e-9
+    rc = main(["eval", "--model", spec, "--pretrained", "--data", str(folder)])
+    assert rc == 2 and "registry models only" in capsys.readouterr().err

@@ -23,18 +23,25 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from texq.data import gaussian_batches, load_eval_data
     from texq.eval import evaluate
     from texq.io import write_json
-    from texq.models import create_model
+    from texq.models import create_model, load_checkpoint
     from texq.quant import FULL_PRECISION, QuantConfig, calibrate, quantize
     from texq.device import use_device
 
     start = time.perf_counter()
-    if args.checkpoint is None and not args.pretrained:
+    model = factory_model(args)  # a factory's errors come before any work
+    if model is None and args.checkpoint is None and not args.pretrained:
         raise TexqError("give the model's weights: --checkpoint PATH or --pretrained")
+    if model is not None and args.pretrained:
+        raise TexqError(f"--pretrained: published weights exist for registry models only, not for "
+                        f"{args.model!r} (a factory builds its model with its weights)")
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, per_channel=not args.per_tensor,
                       first_layer_bits=args.first_layer_bits, last_layer_bits=args.last_layer_bits,
                       fold_bn=args.fold_bn)
     device = use_device(args.device)  # float32 products on every device
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    if model is None:
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    elif args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint, args.model)
     info = model.texq_info
     data = load_eval_data(args.data, info)
     log.info("model %s, data %s (%d images), device %s", args.model, args.data, len(data), device)
@@ -160,12 +167,22 @@ def cmd_export(args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - start, 2)}
 
 
+def _factory_flags(parser: argparse.ArgumentParser) -> None:
+    """What a ``--model module:callable`` factory's module may not carry in its texq_info."""
+    parser.add_argument("--num-classes", type=int, help="a factory's model: its class count")
+    parser.add_argument("--input-size", type=int, help="a factory's model: its square input side (px)")
+    parser.add_argument("--mean", type=float, nargs=3, metavar="M", help="a factory's model: RGB mean")
+    parser.add_argument("--std", type=float, nargs=3, metavar="S", help="a factory's model: RGB std")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="texq", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="top-1/top-5 of a full-precision or quantized model")
-    e.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10 (see `texq models`)")
+    e.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10 (see `texq "
+                   "models`), or a factory module:callable returning an nn.Module")
+    _factory_flags(e)
     e.add_argument("--checkpoint", help="weights file to load (state dict or a dict holding one)")
     e.add_argument("--pretrained", action="store_true", help="use the published weights (download)")
     e.add_argument("--data", required=True, help="a .npz file, cifar10, cifar100 or an image folder")
@@ -191,10 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10, or a "
                    "factory my_models:build returning an nn.Module (from . or PYTHONPATH)")
     # a factory's model without texq_info is described by these (each replaces its texq_info's)
-    r.add_argument("--num-classes", type=int, help="a factory's model: its class count")
-    r.add_argument("--input-size", type=int, help="a factory's model: its square input side (px)")
-    r.add_argument("--mean", type=float, nargs=3, metavar="M", help="a factory's model: RGB mean")
-    r.add_argument("--std", type=float, nargs=3, metavar="S", help="a factory's model: RGB std")
+    _factory_flags(r)
     r.add_argument("--checkpoint", help="weights of the full-precision model")
     r.add_argument("--pretrained", action="store_true", help="use the published weights")
     r.add_argument("--data", required=True, help="evaluation set: .npz, cifar10, cifar100 or a folder")
