@@ -111,9 +111,13 @@ def test_exported_run_agrees_on_test1000(tiny_export, test1000, record_property)
 
 @pytest.mark.assets
 @pytest.mark.parametrize("bits", [4, 3], ids=["W4A4", "W3A3"])
-def test_shared_resnet20_agrees_on_test1000(shared_model, test1000_data, tmp_path, bits,
-                                            record_property):
-    qmodel = calibrated(shared_model, w_bits=bits, a_bits=bits)
+def test_shared_resnet20_run_agrees_on_test1000(shared_checkpoint, test1000, test1000_data,
+                                                tmp_path, bits, record_property):
+    """A TexQ run (tiny profile) of the pretrained ResNet-20, exported and checked."""
+    cfg = RunConfig.for_profile("tiny", model="resnet20a_cifar10", checkpoint=str(shared_checkpoint),
+                                data=str(test1000), device="cpu", w_bits=bits, a_bits=bits)
+    run(cfg, tmp_path / "run", progress=False)
+    qmodel = load_run(tmp_path / "run")
     summary = export_onnx(qmodel, tmp_path / "r20.onnx")
     assert summary.layers == 20 and summary.weight_types == {"UINT4": 20}
     check_on_test1000(tmp_path / "r20.onnx", qmodel, test1000_data, record_property)
