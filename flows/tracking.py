@@ -261,10 +261,13 @@ def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_ru
 def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, device: str = "auto",
                       progress: bool = True, parent_run_id: str = "", flow_run_id: str = "") -> dict:
     """``texq.pipeline.run_stage`` inside its pipeline run's MLflow run."""
-    from texq.pipeline import load_params, run_stage
-    from texq.pipeline.params import register_model, stage_config
+    from dataclasses import replace
 
-    cfg = stage_config(params_file, device)
-    register = register_model(load_params(params_file), str(params_file))
+    from texq.pipeline import load_params, run_config, run_stage
+    from texq.pipeline.params import register_model
+
+    params = load_params(params_file)  # one read: the run's config and the registry switch
+    cfg = replace(run_config(params, str(params_file)), device=device)
+    register = register_model(params, str(params_file))
     with tracked_stage(name, params_file, out, cfg, parent_run_id, flow_run_id, register):
         return run_stage(name, params_file, out, device, progress)
