@@ -206,8 +206,8 @@ its eval mode): loading it needs texq importable."""
     x = np.zeros((1, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         y = q(torch.from_numpy(x)).numpy()
-    model = "".join(ch if ch.isalnum() or ch in "_-." else "-" for ch in cfg.model)  # a factory's ':'
-    name = f"texq-{model}-w{cfg.w_bits}a{cfg.a_bits}" if register else None
+    name = (f"texq-{_key(cfg.model, keep='_-.', sub='-')}-w{cfg.w_bits}a{cfg.a_bits}"  # a factory's ':'
+            if register else None)
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):  # mlflow.pytorch logs into the active run only
         info = mlflow.pytorch.log_model(
@@ -236,9 +236,10 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
     c.log_inputs(run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", "evaluation")])])
 
 
-def _key(name: str) -> str:
-    """A class name as an MLflow metric-name part (alphanumerics, _ - . space : / only)."""
-    return "".join(ch if ch.isalnum() or ch in "_-. :/" else "_" for ch in str(name))
+def _key(name: str, keep: str = "_-. :/", sub: str = "_") -> str:
+    """``name`` with every character but alphanumerics and ``keep`` replaced by ``sub``: by
+    default a class name as an MLflow metric-name part."""
+    return "".join(ch if ch.isalnum() or ch in keep else sub for ch in str(name))
 
 
 @contextmanager
