@@ -272,3 +272,21 @@ def test_killed_run_resumes_and_finishes_identically(tiny_setup, tmp_path):
     qa = torch.load(tmp_path / "whole" / "qmodel.pt", weights_only=True)["state_dict"]
     qb = torch.load(out / "qmodel.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(qa[k], qb[k]) for k in qa)
+
+
+def test_a_saved_artifact_has_the_same_bytes_every_time(tmp_path):
+    """DVC hashes the files: the same content saved twice (another temporary name each time) must
+    give the same bytes, or an unchanged stage looks changed and its run cache never matches."""
+    import hashlib
+
+    import torch
+
+    from texq.artifacts import save_torch
+
+    obj = {"images": torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), "labels": [1, 2]}
+    digests = set()
+    for name in ("a.pt", "b.pt", "a.pt"):
+        save_torch(tmp_path / name, obj)
+        digests.add(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert len(digests) == 1
+    assert torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["images"], obj["images"])

@@ -24,9 +24,11 @@ FORMAT = "texq-quantized-v1"
 
 
 def save_torch(dest: str | os.PathLike, obj) -> None:
-    """``torch.save`` to ``dest``, atomically."""
-    with atomic_path(dest) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` to ``dest``, atomically. Through an open file, not the temporary path: torch
+    names the archive's records after a path it is given (the temporary name is random), so the
+    same object would give other bytes on every save, and DVC another hash."""
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def save_quantized(dest: str | os.PathLike, qmodel: nn.Module, extra: dict | None = None) -> None:
