@@ -19,7 +19,8 @@ GROUP = ["method", "w_bits", "a_bits", "laws", "layered_bns", "mkd", "profile"]
 def load_runs(experiment: str = "texq", extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """Finished pipeline runs of ``experiment`` (one row each: params, top1, seed; ``extra``
     params too, e.g. ``alpha6``)."""
-    from flows.tracking import TRAINED_TAG, client
+    from flows.store import client
+    from flows.tracking import TRAINED_TAG
 
     c = client()
     exp = c.get_experiment_by_name(experiment)

@@ -19,26 +19,13 @@ from pathlib import Path
 from typing import Iterator
 
 from flows import ROOT
+from flows.logged_model import log_quantized_model
+from flows.store import EXPERIMENT, client, experiment_id, safe_name
 
-EXPERIMENT = "texq"
 KEY_TAG = "texq.pipeline_key"
 TRAINED_TAG = "texq.trained_fingerprint"
-
-
-def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else an absolute sqlite file in the project root (``$DVC_ROOT``
-    when DVC runs the stage in a temporary copy, so queued experiments keep their runs)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(os.environ.get("DVC_ROOT") or ROOT).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def client():
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri())
+METRICS_TAG = "texq.metrics_sha256"  # which metrics.json a run logged (a restored stage finds it)
+RUN_NAME_ENV = "TEXQ_RUN_NAME"  # a grid child's name: its combination (flows.pipeline)
 
 
 def git_commit() -> str:
@@ -63,36 +50,20 @@ def pipeline_key(params_file: str | Path, parent_run_id: str = "") -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
-def artifact_location() -> str | None:
-    """Beside a sqlite store, an absolute ``mlartifacts/`` folder (MLflow's default is ``./mlruns``
-    relative to the working directory, lost when DVC runs a stage in a temporary copy); a tracking
-    server decides for itself."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-    return None
+def where_tags() -> dict[str, str]:
+    """Where a stage runs, as run tags: the host, the GPUs it sees (``CUDA_VISIBLE_DEVICES`` as the
+    worker set it, and the devices' names, or ``cpu``) and the checkout its code comes from."""
+    import socket
 
+    import torch
 
-def experiment_id(c, name: str | None = None) -> str:
-    """The experiment's id (created on first use). Beside a sqlite store, an experiment whose
-    artifacts go anywhere but the ``mlartifacts/`` beside that store (MLflow fixes the absolute
-    path when it creates the experiment: a moved or copied project's store still names the old
-    folder) is refused, so that no run writes its artifacts into another checkout."""
-    from texq.errors import ConfigError
-
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-    exp = c.get_experiment_by_name(name)
-    if exp is None:
-        return c.create_experiment(name, artifact_location=artifact_location())
-    expected = artifact_location()
-    if expected and exp.artifact_location.rstrip("/") != expected.rstrip("/"):
-        raise ConfigError(
-            f"{tracking_uri()}: experiment {name!r} keeps its artifacts in {exp.artifact_location}, "
-            f"not beside this store ({expected}): the store was moved or copied from another "
-            "checkout. Use a fresh experiment (MLFLOW_EXPERIMENT_NAME=...), a fresh store (move "
-            "mlflow.db away), or a tracking server, whose artifact locations are its own "
-            "(mlflow-artifacts:/...)")
-    return exp.experiment_id
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+             if torch.cuda.is_available() else [])
+    return {"texq.host": socket.gethostname(),
+            "texq.cuda_visible_devices": "(unset)" if visible is None else visible,
+            "texq.gpu": ", ".join(names) if names else "cpu",
+            "texq.checkout": str(ROOT)}
 
 
 def flat_params(cfg) -> dict[str, str]:
@@ -100,8 +71,9 @@ def flat_params(cfg) -> dict[str, str]:
     its method applies, None for a switch it has no module for, no section it never reads)."""
     from texq.methods import effective_settings
 
-    flat = {k: v for k, v in effective_settings(cfg).items() if k != "device"}
-    return {k: str(v) for k, v in flat.items()}
+    # quant.w_bits/a_bits mirror the top-level w_bits/a_bits (params.yaml's one home for the bits)
+    skip = {"device", "quant.w_bits", "quant.a_bits"}
+    return {k: str(v) for k, v in effective_settings(cfg).items() if k not in skip}
 
 
 def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
@@ -118,12 +90,15 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
     # mlflow.source.*: the runs table's Source column and the run page's commit, as MLflow shows them
     tags = {KEY_TAG: key, "mlflow.source.git.commit": git_commit(), "mlflow.source.type": "LOCAL",
             "mlflow.source.name": f"texq pipeline ({Path(params_file).name})",
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "prefect_flow_run_id": flow_run_id,
-            "method": cfg.method, "profile": cfg.profile}
+            "method": cfg.method, "profile": cfg.profile, **where_tags()}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    name = f"{cfg.method}-w{cfg.w_bits}a{cfg.a_bits}-s{cfg.seed}-{cfg.profile}"
+    # a grid child is named by what differs (its combination); a lone run by what it is
+    name = (os.environ.get(RUN_NAME_ENV)
+            or f"{cfg.method}-w{cfg.w_bits}a{cfg.a_bits}-s{cfg.seed}-{cfg.profile}")
     run = c.create_run(exp, tags=tags, run_name=name)
     items = [Param(k, v) for k, v in flat_params(cfg).items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -150,8 +125,8 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
     elif stage == "train":
         folder = out / "train"  # ZeroQ trains nothing: no history.jsonl, no generator
         rows = read_history(folder / "history.jsonl") if (folder / "history.jsonl").exists() else []
-        for row in rows:
-            metrics += [Metric(k, float(v), now, int(row["epoch"])) for k, v in row.items()
+        for row in rows:  # step = the epoch counted from 1: step 0 holds the run's scores alone
+            metrics += [Metric(k, float(v), now, int(row["epoch"]) + 1) for k, v in row.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
         for name in ("summary.json", "history.jsonl", "qmodel.pt"):
             if (folder / name).exists():
@@ -171,51 +146,33 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
         per_class = r.get("per_class_top1") or []
         names = r["class_names"]  # the evaluate stage's: names, else indices
         if len(per_class) <= 100:  # ImageNet's 1000 stay in the metrics.json artifact
-            metrics += [Metric(f"class_top1.{_key(n)}", v, now, 0) for n, v in zip(names, per_class)
+            metrics += [Metric(f"class_top1.{safe_name(n)}", v, now, 0) for n, v in zip(names, per_class)
                         if v is not None]
+        # the scores first: the logged model takes the run's metrics at its step (0) when logged
+        _log_metrics(c, run_id, metrics)
+        metrics = []
         c.log_artifact(run_id, str(out / "metrics.json"))
         # which trained model was scored: a rerun of evaluate alone is not another result
         summary = json.loads((out / "train" / "summary.json").read_text())
         c.set_tag(run_id, TRAINED_TAG, summary["fingerprint"])
+        c.set_tag(run_id, METRICS_TAG, file_sha256(out / "metrics.json"))
         if cfg is not None:
             from flows.figures import pipeline_pictures
 
             for path in pipeline_pictures(out, cfg):
                 c.log_artifact(run_id, str(path), "figures")
-            log_quantized_model(c, run_id, out / "train" / "qmodel.pt", cfg, register)
+            log_quantized_model(c, run_id, out / "train" / "qmodel.pt", cfg, register, r)
+    _log_metrics(c, run_id, metrics)
+
+
+def _log_metrics(c, run_id: str, metrics: list) -> None:
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         c.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
-def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool) -> str:
-    """The quantized model as an MLflow model of the run (``mlflow.pytorch``, with a signature and
-    an input example: one image in the model's normalised input space), registered as a new
-    version of ``texq-<model>-wXaY`` when ``register``; returns its URI (also the run's tag
-    ``texq.model_uri``). Pickled (not torch.export's pt2, which drops the module's attributes and
-its eval mode): loading it needs texq importable."""
-    import mlflow
-    import mlflow.pytorch
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
-    from texq.artifacts import load_quantized
-
-    q = load_quantized(path).eval()
-    size = q.texq_info.input_size
-    x = np.zeros((1, 3, size, size), dtype=np.float32)
-    with torch.no_grad():
-        y = q(torch.from_numpy(x)).numpy()
-    name = (f"texq-{_key(cfg.model, keep='_-.', sub='-')}-w{cfg.w_bits}a{cfg.a_bits}"  # a factory's ':'
-            if register else None)
-    mlflow.set_tracking_uri(tracking_uri())
-    with mlflow.start_run(run_id=run_id):  # mlflow.pytorch logs into the active run only
-        info = mlflow.pytorch.log_model(
-            q, name="quantized_model", signature=infer_signature(x, y), input_example=x,
-            registered_model_name=name, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            serialization_format="pickle")  # the module itself, texq_info and quantizers included
-    c.set_tag(run_id, "texq.model_uri", info.model_uri)
-    return info.model_uri
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
@@ -226,8 +183,7 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
 
     path = Path(data)
     if path.is_file():
-        with open(path, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        digest = file_sha256(path)
     else:
         digest = hashlib.sha256(f"{data}\0{n}".encode()).hexdigest()
     ds = Dataset(name=path.name if path.is_file() else data, digest=digest[:16],
@@ -236,27 +192,65 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
     c.log_inputs(run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", "evaluation")])])
 
 
-def _key(name: str, keep: str = "_-. :/", sub: str = "_") -> str:
-    """``name`` with every character but alphanumerics and ``keep`` replaced by ``sub``: by
-    default a class name as an MLflow metric-name part."""
-    return "".join(ch if ch.isalnum() or ch in keep else sub for ch in str(name))
+class Terminated(BaseException):
+    """The stage process was asked to stop (SIGTERM: Prefect cancelling its flow run, a worker
+    or host shutting down); its run ends KILLED, not FAILED."""
+
+
+def end_state(exc: BaseException) -> str:
+    """The MLflow status a run ends in when its stage raised ``exc``: KILLED when the stage was
+    stopped from outside (SIGTERM, Ctrl-C), FAILED for an error."""
+    return "KILLED" if isinstance(exc, (Terminated, KeyboardInterrupt)) else "FAILED"
 
 
 @contextmanager
 def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_run_id: str = "",
                   flow_run_id: str = "", register: bool = False) -> Iterator[str]:
-    """Run a stage inside its pipeline run's MLflow run (FAILED on error, FINISHED after
-    ``evaluate``)."""
+    """Run a stage inside its pipeline run's MLflow run (FAILED on error, KILLED when stopped,
+    FINISHED after ``evaluate``)."""
     c = client()
     run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
     try:
         yield run_id
         log_outputs(c, run_id, stage, Path(out), cfg, register)
-    except BaseException:
-        c.set_terminated(run_id, "FAILED")
+    except BaseException as exc:
+        c.set_terminated(run_id, end_state(exc))
         raise
     if stage == "evaluate":
         c.set_terminated(run_id, "FINISHED")
+
+
+def result_run_id(flow_run_id: str, metrics: Path) -> str | None:
+    """The MLflow run that holds a pipeline run's result: the one its Prefect flow run opened, else
+    (every stage up to date or restored from DVC's run cache, so none was opened) the latest
+    finished run that logged this very ``metrics.json``."""
+    c = client()
+    exp = c.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    if exp is None:
+        return None
+    for query in (f"tags.`prefect_flow_run_id` = '{flow_run_id}'" if flow_run_id else None,
+                  f"tags.`{METRICS_TAG}` = '{file_sha256(metrics)}' and attributes.status = 'FINISHED'"):
+        if query:
+            runs = c.search_runs([exp.experiment_id], query, max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+            if runs:
+                return runs[0].info.run_id
+    return None
+
+
+def end_flow_run_runs(flow_run_id: str, status: str) -> list[str]:
+    """End every MLflow run still RUNNING that a Prefect flow run opened (its pipeline run, or a
+    grid's parent run) with ``status`` (KILLED for a cancelled flow run, FAILED for a crashed one):
+    the state Prefect gave it. Returns the run ids ended."""
+    c = client()
+    exp = c.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    if exp is None or not flow_run_id:
+        return []
+    runs = c.search_runs([exp.experiment_id], f"tags.`prefect_flow_run_id` = '{flow_run_id}' "
+                         "and attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        c.set_terminated(run.info.run_id, status)
+    return [r.info.run_id for r in runs]
 
 
 def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, device: str = "auto",
@@ -269,6 +263,6 @@ def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, devic
 
     params = load_params(params_file)  # one read: the run's config and the registry switch
     cfg = replace(run_config(params, str(params_file)), device=device)
-    register = register_model(params, str(params_file))
+    register = register_model(params, str(params_file))  # auto: the paper profile's runs
     with tracked_stage(name, params_file, out, cfg, parent_run_id, flow_run_id, register):
         return run_stage(name, params_file, out, device, progress)

@@ -32,6 +32,8 @@ from flows import ROOT
 from texq.errors import TexqError
 
 OUT = Path("out/pipeline")  # where dvc.yaml's stages write, relative to the workspace
+REMOTE_ENV = "TEXQ_DVC_REMOTE"  # a DVC remote (a folder on shared storage, s3://, ssh://) for outs and run cache
+REMOTE = "texq"  # its name in each workspace's .dvc/config
 PATH_KEYS = ("checkpoint", "data", "train_data")  # params whose value may be a file path
 _ERROR = "texq: error: "  # how flows.stage reports a bad input (one line, exit status 2)
 
@@ -63,7 +65,7 @@ def prepare(folder: str | Path, params: dict) -> Path:
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in (("params.yaml", yaml.safe_dump(absolute_paths(params), sort_keys=False)),
-                       ("dvc.yaml", (ROOT / "dvc.yaml").read_text())):
+                       ("dvc.yaml", workspace_dvc_yaml())):
         dest = folder / name
         if not dest.is_file() or dest.read_text() != text:
             with atomic_path(dest) as tmp:
@@ -78,20 +80,52 @@ def prepare(folder: str | Path, params: dict) -> Path:
     if not (folder / ".dvc").is_dir():
         _dvc(folder, "init", "--no-scm", "--quiet")
         _dvc(folder, "config", "core.analytics", "false")
+    if remote():
+        _dvc(folder, "remote", "add", "--default", "--force", REMOTE, remote())
     return folder
 
 
-def stage_env(device: str = "auto", parent_run_id: str = "", flow_run_id: str = "") -> dict[str, str]:
+def workspace_dvc_yaml() -> str:
+    """The project's dvc.yaml with every out cached: the project keeps its small results
+    (``teacher.json``, ``metrics.json``, the plots' JSON) in git (``cache: false``), a workspace keeps
+    them in DVC's cache, so that a stage's run-cache entry, pushed to a lab remote, carries all of
+    its outs and restores the stage on another machine (DVC pushes no uncached out)."""
+    import yaml
+
+    def cached(out):  # {path: {cache: false, ...}} -> path, its other options kept
+        if not isinstance(out, dict):
+            return out
+        ((path, options),) = out.items()
+        options = {k: v for k, v in (options or {}).items() if k != "cache"}
+        return {path: options} if options else path
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for stage in spec["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            if kind in stage:
+                stage[kind] = [cached(o) for o in stage[kind]]
+    return "# the project's dvc.yaml, every out cached (flows/workspace.py)\n" + yaml.safe_dump(spec, sort_keys=False)
+
+
+def remote() -> str | None:
+    """The lab's DVC remote (``$TEXQ_DVC_REMOTE``): a stage computed on one machine is pushed
+    there with its run cache, and restored from it, not recomputed, on any other."""
+    return os.environ.get(REMOTE_ENV) or None
+
+
+def stage_env(device: str = "auto", parent_run_id: str = "", flow_run_id: str = "",
+              run_name: str = "") -> dict[str, str]:
     """The environment of a stage's process: this one's, plus where and under which MLflow run
-    it records (``flows.stage`` reads these), this interpreter's environment first on ``PATH``
-    (dvc.yaml's ``python``) and the project on ``PYTHONPATH``."""
-    from flows.tracking import tracking_uri
+    it records and its name (``flows.stage`` reads these), this interpreter's environment first
+    on ``PATH`` (dvc.yaml's ``python``) and the project on ``PYTHONPATH``."""
+    from flows.store import tracking_uri
+    from flows.tracking import RUN_NAME_ENV
 
     def joined(first: str, var: str) -> str:
         return os.pathsep.join(p for p in (first, os.environ.get(var, "")) if p)
 
     return dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri(), TEXQ_DEVICE=device,
-                TEXQ_PARENT_RUN_ID=parent_run_id, TEXQ_FLOW_RUN_ID=flow_run_id,
+                TEXQ_PARENT_RUN_ID=parent_run_id, TEXQ_FLOW_RUN_ID=flow_run_id, **{RUN_NAME_ENV: run_name},
                 PATH=joined(str(Path(sys.executable).parent), "PATH"),
                 PYTHONPATH=joined(str(ROOT), "PYTHONPATH"))
 
@@ -99,11 +133,14 @@ def stage_env(device: str = "auto", parent_run_id: str = "", flow_run_id: str = 
 def repro(folder: str | Path, name: str, env: dict[str, str] | None = None,
           log: logging.Logger | logging.LoggerAdapter | None = None) -> bool:
     """``dvc repro --single-item NAME`` in the workspace, each output line logged as it comes;
-    True if DVC ran the stage, False if it found it up to date. A stage that failed on its input
-    raises TexqError with the stage's own message (the same every time: not retried), any other
-    failure :class:`StageFailed` with the end of its output."""
+    True if DVC ran the stage, False if it found it up to date or restored it from its run cache.
+    With a lab remote (:func:`remote`), DVC first pulls what is missing (outs, run-cache entries)
+    and a stage that ran is pushed with its run cache. A stage that failed on its input raises
+    TexqError with the stage's own message (the same every time: not retried), any other failure
+    :class:`StageFailed` with the end of its output."""
     log = log or logging.getLogger("texq")
-    proc = subprocess.Popen([*_dvc_cmd(), "repro", "--single-item", name], cwd=folder, env=env,
+    pull = ["--pull"] if remote() else []  # missing outs and run-cache entries from the remote first
+    proc = subprocess.Popen([*_dvc_cmd(), "repro", "--single-item", *pull, name], cwd=folder, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: list[str] = []
     assert proc.stdout is not None
@@ -117,7 +154,11 @@ def repro(folder: str | Path, name: str, env: dict[str, str] | None = None,
         if errors:
             raise TexqError(f"stage {name} ({folder}): {errors[-1]}")
         raise StageFailed(f"dvc repro {name} in {folder} failed:\n" + "\n".join(lines[-20:]))
-    return any(ln.startswith(f"Running stage '{name}'") for ln in lines)
+    ran = any(ln.startswith(f"Running stage '{name}'") for ln in lines)
+    if ran and remote():  # the outs and the run-cache entry, for every other machine
+        _dvc(Path(folder), "push", "--run-cache", "--quiet")
+        log.info("pushed %s's outs and run cache to %s", name, remote())
+    return ran
 
 
 def result(folder: str | Path, name: str) -> dict[str, Any]:

@@ -8,65 +8,29 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(
+from servers import BIN, ROOT, cli, free_port, prefect_logs, prefect_view, stop, wait_http
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("prefect", "mlflow")),
-    reason="the pipeline extra (prefect, mlflow) is not installed")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} not up after {seconds} s: {log.read_text()[-2000:]}")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:  # SIGINT first: Prefect workers ignore SIGTERM for a long time
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGINT)
-    deadline = time.time() + 20
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    reason="the pipeline extra (prefect, mlflow) is not installed")]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
-    pp, mp = _port(), _port()
+    pp, mp = free_port(), free_port()
     env = dict(os.environ, PREFECT_HOME=str(root / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{pp}/api",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_EXTRA_LOGGERS="texq",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mp}", MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                OMP_NUM_THREADS="1", DO_NOT_TRACK="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     procs: list[subprocess.Popen] = []
 
@@ -83,17 +47,15 @@ def stack(tmp_path_factory):
         mlflow = start("mlflow", str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mp),
                        "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                        "--artifacts-destination", str(root / "artifacts"))
-        _wait(f"http://127.0.0.1:{pp}/api/health", prefect, root / "prefect.log")
-        _wait(f"http://127.0.0.1:{mp}/health", mlflow, root / "mlflow.log")
+        wait_http(f"http://127.0.0.1:{pp}/api/health", prefect, root / "prefect.log")
+        wait_http(f"http://127.0.0.1:{mp}/health", mlflow, root / "mlflow.log")
         yield env, root, start
     finally:
-        _stop(procs)
+        stop(procs)
 
 
 def _cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return cli(env, *args, timeout=timeout)
 
 
 def test_grid_axes_and_overrides_are_checked_before_any_run(tiny_params):
@@ -115,35 +77,81 @@ def test_grid_axes_and_overrides_are_checked_before_any_run(tiny_params):
         merged_params(tiny_params, {"finetune.alpha6": "x"})
 
 
-def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, tmp_path):
+@pytest.fixture(scope="module")
+def pool(stack):
+    """The texq and texq-control work pools, both deployments and 2 workers on the texq pool."""
     env, root, start = stack
-    _cli(env, str(BIN / "prefect"), "work-pool", "create", "texq", "--type", "process")
-    _cli(env, str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "texq-pipeline")
-    workers = [start(f"worker{i}", str(BIN / "prefect"), "worker", "start", "--pool", "texq",
-                     "--limit", "1") for i in range(2)]
+    for name in ("texq", "texq-control"):
+        _cli(env, BIN / "prefect", "work-pool", "create", name, "--type", "process")
+    _cli(env, BIN / "prefect", "--no-prompt", "deploy", "--all")
+    return [start(f"worker{i}", str(BIN / "prefect"), "worker", "start", "--pool", "texq", "--limit", "1")
+            for i in range(2)]
+
+
+GRID_CODE = ("import json, sys; from flows.pipeline import grid_search; "
+             "rows = grid_search(grid=json.loads(sys.argv[1]), base_params=sys.argv[2], out=sys.argv[3]); "
+             "print(json.dumps(rows))")
+
+
+def test_a_misspelled_grid_key_is_refused_when_submitted_and_the_form_is_described(stack, pool):
+    env, _, _ = stack
+    bad = cli(env, BIN / "prefect", "deployment", "run", "texq-grid/texq-grid", "--param",
+              'grid={"finetune.alpah6": [1, 2]}', check=False)
+    assert bad.returncode != 0 and "finetune.alpah6" in bad.stdout + bad.stderr
+    view = prefect_view(env)
+    assert not [r for r in view["runs"] if r["parameters"].get("grid")]  # no run was created
+    schema = json.loads(cli(env, sys.executable, "-c", DEPLOYMENT_SCHEMAS).stdout.strip().splitlines()[-1])
+    for name, props in schema.items():  # every parameter of the run form carries its description
+        assert all(p.get("description") for p in props.values()), (name, props)
+    grid = schema["texq-grid"]["grid"]
+    assert grid["examples"][0]["w_bits,a_bits"] == [[3, 3], [4, 4]] and grid["additionalProperties"] is False
+
+
+DEPLOYMENT_SCHEMAS = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    out = {n: c.read_deployment_by_name(f"{n}/{n}").parameter_openapi_schema["properties"]
+           for n in ("texq-grid", "texq-pipeline")}
+print(json.dumps(out))
+"""
+
+
+def test_grid_on_two_workers_gives_four_finished_child_runs(stack, pool, tiny_params, tmp_path):
+    env, root, start = stack
     grid = {"w_bits,a_bits": [[3, 3], [4, 4]], "mkd": [True, False]}  # W3A3 and W4A4
-    code = ("import json, sys; from flows.pipeline import grid_search; "
-            "rows = grid_search(grid=json.loads(sys.argv[1]), base_params=sys.argv[2], out=sys.argv[3], "
-            "poll_seconds=2); print(json.dumps(rows))")
-    proc = _cli(env, sys.executable, "-c", code, json.dumps(grid), str(tiny_params), str(tmp_path / "grid"),
+    proc = _cli(env, sys.executable, "-c", GRID_CODE, json.dumps(grid), str(tiny_params), str(tmp_path / "grid"),
                 timeout=900)
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETED"}
-    assert all(w.poll() is None for w in workers)  # both still serving
+    assert all(w.poll() is None for w in pool)  # both still serving
 
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("texq")
     assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server's, not a path here
+    # the experiment opens on its runs (not MLflow's GenAI overview); texq's view of the runs table
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.texq"])
+    assert {"metrics.`top1`", "params.`w_bits`", "params.`method`", "params.`seed`"} <= set(view["selectedColumns"])
     runs = c.search_runs([exp.experiment_id])
     parents = [r for r in runs if "texq.grid" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    names = {f"w_bits={b},a_bits={b},mkd={m}" for b in (3, 4) for m in (True, False)}
+    assert {r.info.run_name for r in children} == names  # named by what differs, as in Prefect
     assert {(r.data.params["w_bits"], r.data.params["a_bits"], r.data.params["mkd"]) for r in children} == {
         ("3", "3", "True"), ("3", "3", "False"), ("4", "4", "True"), ("4", "4", "False")}
-    assert all(r.data.tags["prefect_flow_run_id"] for r in children)
+    for r in children:
+        assert r.data.tags["prefect_flow_run_id"] and r.data.tags["texq.gpu"] == "cpu"
+        assert "quant.w_bits" not in r.data.params and "dvc_exp_name" not in r.data.tags
+        # the logged model's page lists the run's own scores, not the first epoch's losses
+        (model,) = [c.get_logged_model(o.model_id) for o in r.outputs.model_outputs]
+        scores = {m.key: m.value for m in model.metrics}
+        assert scores["top1"] == r.data.metrics["top1"] and not any("/" in k for k in scores)
+    assert c.search_registered_models() == []  # tiny runs register nothing (register_model: auto)
     assert all((tmp_path / "grid" / f"w_bits={b},a_bits={b},mkd={m}" / "out/pipeline/metrics.json").exists()
                for b in (3, 4) for m in (True, False))
     assert all((tmp_path / "grid" / f"w_bits={b},a_bits={b},mkd={m}" / "dvc.lock").exists()
@@ -155,27 +163,51 @@ def test_grid_on_two_workers_gives_four_finished_child_runs(stack, tiny_params, 
     parent = parents[0]
     assert json.loads(parent.data.params["grid.w_bits/a_bits"]) == [[3, 3], [4, 4]]
     assert "grid_results.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
-    seen = json.loads(_cli(env, sys.executable, "-c", PREFECT_VIEW).stdout.strip().splitlines()[-1])
-    names = {f"w_bits={b},a_bits={b},mkd={m}" for b in (3, 4) for m in (True, False)}
-    assert names <= set(seen["children"]), seen["children"]
-    table = {row["combination"]: row for row in seen["table"]}
+    seen = prefect_view(env)
+    (grid_run,) = [r for r in seen["runs"] if r["parameters"].get("grid") == grid]
+    assert parent.info.run_name == f"grid w_bits,a_bits x mkd: 4 runs ({grid_run['name']})"  # two grids differ
+    assert names <= {r["name"] for r in seen["runs"] if r["subflow"]}
+    (art,) = [a for a in seen["artifacts"] if a["key"] == "texq-grid-results"]
+    table = {row["combination"]: row for row in art["data"]}
     assert set(table) == names and all(r["state"] == "COMPLETED" for r in table.values())
     assert {r["mlflow_run"].rsplit("/", 1)[-1] for r in table.values()} == {r.info.run_id for r in children}
     assert all(r["mlflow_run"].startswith(env["MLFLOW_TRACKING_URI"]) for r in table.values())  # links
     assert all(isinstance(r["top1"], float) for r in table.values())
+    assert {r["stages_run"] for r in table.values()} == {"teacher,synthesize,train,evaluate"}
 
 
-PREFECT_VIEW = """
-import json
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-with get_client(sync_client=True) as c:
-    grid = [r for r in c.read_flow_runs() if r.name and r.parent_task_run_id is None
-            and r.parameters.get("grid")]
-    kids = [r.name for r in c.read_flow_runs() if r.parent_task_run_id is not None]
-    art = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["texq-grid-results"])))
-print(json.dumps({"children": kids, "table": json.loads(art[0].data) if art else []}))
-"""
+def test_a_cancelled_child_ends_killed_in_mlflow_and_the_grid_says_cancelled(stack, pool, tiny_params, tmp_path):
+    env, _, _ = stack
+    grid = {"finetune.epochs": [400]}  # a train stage long enough to be cancelled in
+    proc = subprocess.Popen([sys.executable, "-c", GRID_CODE, json.dumps(grid), str(tiny_params),
+                             str(tmp_path / "grid")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, child = time.time() + 300, None
+    while child is None and time.time() < deadline:
+        view = prefect_view(env)
+        for r in view["runs"]:
+            if r["name"] == "finetune.epochs=400" and any(
+                    t["flow_run"] == r["id"] and t["name"] == "train" and t["state"] == "Running"
+                    for t in view["tasks"]):
+                child = r["id"]
+        time.sleep(1)
+    assert child, "the child never reached its train stage"
+    time.sleep(3)  # inside the stage's epochs
+    cli(env, BIN / "prefect", "flow-run", "cancel", child)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "1 of 1 grid runs did not complete: 1 cancelled" in out + err
+    view = prefect_view(env)
+    assert next(r for r in view["runs"] if r["id"] == child)["type"] == "CANCELLED"
+
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("texq")
+    (run,) = c.search_runs([exp.experiment_id], f"tags.`prefect_flow_run_id` = '{child}'")
+    assert run.info.status == "KILLED" and run.info.end_time  # ended, as Prefect says: cancelled
+    parent = c.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
+    assert not c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")  # none left RUNNING
 
 
 CACHE_SCRIPT = """
@@ -203,15 +235,6 @@ print(json.dumps(rows))
 """
 
 
-def _logs(env, flow_run_id: str) -> list[str]:
-    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/logs/filter", method="POST",
-                                 headers={"Content-Type": "application/json"},
-                                 data=json.dumps({"logs": {"flow_run_id": {"any_": [flow_run_id]}},
-                                                  "limit": 200}).encode())
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return [row["message"] for row in json.loads(r.read())]
-
-
 def test_dvc_decides_what_the_pipeline_tasks_rerun_and_library_logs_reach_the_server(stack, tiny_params,
                                                                                      tmp_path):
     env, _, _ = stack
@@ -230,7 +253,7 @@ def test_dvc_decides_what_the_pipeline_tasks_rerun_and_library_logs_reach_the_se
     assert lock["train"]["params"]["params.yaml"]["finetune"]["alpha6"] == 7.0  # DVC's own record
     deadline = time.time() + 30  # logs are shipped in batches
     while True:
-        logs = _logs(env, first["flow_run"])
+        logs = prefect_logs(env, first["flow_run"])
         texq_lines = [m for m in logs if m.startswith(("stage ", "step 1: calibration images", "epoch "))]
         if any(m.startswith("epoch ") for m in texq_lines) or time.time() > deadline:
             break

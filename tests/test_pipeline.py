@@ -67,6 +67,7 @@ def test_auto_takes_the_profile_value_and_values_override():
     (lambda p: p["evaluate"].update(batch_sise=64), "evaluate.batch_sise: unknown key"),
     (lambda p: p["evaluate"].update(batch_size=0), "evaluate.batch_size=0: expected a positive integer"),
     (lambda p: p["evaluate"].update(batch_size="big"), "evaluate.batch_size='big'"),
+    (lambda p: p["evaluate"].update(register_model="yes"), "register_model='yes': expected auto, true or false"),
 ])
 def test_bad_params_name_the_file_and_key(edit, message):
     params = load_params(ROOT / "params.yaml")
@@ -74,6 +75,19 @@ def test_bad_params_name_the_file_and_key(edit, message):
     with pytest.raises(ConfigError, match="params.yaml") as exc:
         run_config(params, "params.yaml")
     assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("profile, flag, registered", [
+    ("paper", "auto", True), ("quick", "auto", False), ("tiny", "auto", False),
+    ("tiny", True, True), ("paper", False, False)])
+def test_registering_the_model_is_a_choice_auto_for_paper_runs_only(profile, flag, registered):
+    from texq.pipeline.params import register_model
+
+    params = load_params(ROOT / "params.yaml")
+    params["profile"], params["evaluate"]["register_model"] = profile, flag
+    assert register_model(params) is registered
+    del params["evaluate"]["register_model"]  # absent: auto
+    assert register_model(params) is (profile == "paper")
 
 
 def test_missing_or_broken_params_file(tmp_path):
@@ -185,7 +199,11 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert "alpha6" not in run.data.params  # one name per setting
     assert run.data.params["finetune.alpha6"] == "20.0" and run.data.params["profile"] == "tiny"
     assert run.data.metrics["top1"] == metrics["top1"] and "quantized/kd_loss" in run.data.metrics
-    assert len(c.get_metric_history(run.info.run_id, "generator/ce_loss")) == 3  # one point per epoch (1 + 2)
+    history = c.get_metric_history(run.info.run_id, "generator/ce_loss")  # one point per epoch (1 + 2)
+    assert sorted(m.step for m in history) == [1, 2, 3]  # epochs from 1: step 0 holds the scores alone
+    assert "quant.w_bits" not in run.data.params and run.data.params["w_bits"] == "4"  # one home for the bits
+    assert "dvc_exp_name" not in run.data.tags  # plain dvc repro: no experiment name, no empty tag
+    assert run.data.tags["texq.gpu"] == "cpu" and run.data.tags["texq.host"]
     assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"metrics.json", "teacher.json", "train",
                                                                    "figures"}
     pictures = {"calibration_images.png", "generator_samples.png", "texture_histograms.png",
@@ -203,8 +221,10 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     loaded = mlflow.pytorch.load_model(run.data.tags["texq.model_uri"])
     res = evaluate(loaded, load_eval_data(metrics["data"], loaded.texq_info), progress=False)
     assert res.correct == metrics["correct"]
-    versions = c.search_model_versions("name='texq-resnet8_cifar10-w4a4'")
-    assert [v.run_id for v in versions] == [run.info.run_id]
+    assert c.search_model_versions("name='texq-resnet8_cifar10-w4a4'") == []  # auto: tiny runs register nothing
+    (logged,) = [c.get_logged_model(o.model_id) for o in run.outputs.model_outputs]
+    assert {m.key: m.value for m in logged.metrics}["top1"] == metrics["top1"]  # the model page's scores
+    assert not any(m.key.startswith(("generator/", "quantized/")) for m in logged.metrics)
     assert run.info.run_name == "texq-w4a4-s0-tiny"
     assert run.data.metrics["top1_ci95_low"] <= run.data.metrics["top1"] <= run.data.metrics["top1_ci95_high"]
     (ds,) = run.inputs.dataset_inputs  # the evaluation set, in the runs table's Dataset column
@@ -218,9 +238,14 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert all(plots["data"][k][0]["content"]["data"]["values"] for k in ("loss_curves", "per_class_top1"))
     history = json.loads((repo / "out" / "pipeline" / "history.json").read_text())
     assert [r["epoch"] for r in history] == [0, 1, 2] and "quantized/kd_loss" in history[-1]
-    _dvc(["plots", "show", "-o", str(tmp_path / "plots")], repo, env)
+    from flows.plots import write_template  # the page scripts/setup.sh configures: no CDN
+
+    template = write_template(tmp_path / "offline.html")
+    _dvc(["plots", "show", "--html-template", str(template), "-o", str(tmp_path / "plots")], repo, env)
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "loss_curves" in html and "per_class_top1" in html
+    assert "<script src" not in html and "cdn.jsdelivr" not in html  # nothing fetched: the libraries are inline
+    assert "window.vegaEmbed=" in html and html.count("vegaEmbed(") >= 2  # each plot embeds itself
     git("add", "-A")
     git("commit", "-qm", "lock")
     out = _dvc(["exp", "run", "-S", "finetune.alpha6=10"], repo, env)  # texq run's --set key

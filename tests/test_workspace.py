@@ -32,7 +32,13 @@ def test_prepare_lays_out_a_dvc_workspace_and_keeps_it(tiny_params, tmp_path):
     params = yaml.safe_load(Path(tiny_params).read_text())
     folder = workspace.prepare(tmp_path / "run", params)
     assert yaml.safe_load((folder / "params.yaml").read_text()) == params  # paths already absolute
-    assert (folder / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
+    ws, project = (yaml.safe_load(f.read_text()) for f in (folder / "dvc.yaml", ROOT / "dvc.yaml"))
+    assert ws["stages"].keys() == project["stages"].keys() and ws["plots"] == project["plots"]
+    for name, stage in project["stages"].items():  # the same stages, every out in DVC's cache
+        mine = ws["stages"][name]
+        assert [mine[k] for k in ("cmd", "deps", "params")] == [stage[k] for k in ("cmd", "deps", "params")]
+        for kind in ("outs", "metrics", "plots"):
+            assert mine.get(kind, []) == [next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind, [])]
     assert (folder / "texq").resolve() == (ROOT / "texq").resolve() and (folder / ".dvc").is_dir()
     (folder / "dvc.lock").write_text("kept")
     assign(params, "finetune.alpha6", 7.0)

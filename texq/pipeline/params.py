@@ -64,11 +64,14 @@ def eval_batch_size(params: dict, source: str = "params.yaml") -> int:
 
 
 def register_model(params: dict, source: str = "params.yaml") -> bool:
-    """``evaluate.register_model`` of a parsed params.yaml (default true), checked: whether a
-    tracked pipeline run registers its quantized model in MLflow's model registry."""
-    flag = _keyed_section(params, "evaluate", EVALUATE_KEYS, source).get("register_model", True)
+    """``evaluate.register_model`` of a parsed params.yaml, checked: whether a tracked pipeline run
+    registers its quantized model in MLflow's model registry. ``auto`` (the default): runs of the
+    ``paper`` profile only, so that quick and tiny runs (previews, tests) add no versions."""
+    flag = _keyed_section(params, "evaluate", EVALUATE_KEYS, source).get("register_model", AUTO)
+    if flag == AUTO:
+        return params.get("profile", "paper") == "paper"
     if not isinstance(flag, bool):
-        raise ConfigError(f"{source}: evaluate.register_model={flag!r}: expected true or false")
+        raise ConfigError(f"{source}: evaluate.register_model={flag!r}: expected auto, true or false")
     return flag
 
 

@@ -1,0 +1,107 @@
+"""The MLflow store texq records into: where it is (``$MLFLOW_TRACKING_URI``, else a sqlite file in
+the project root), the ``texq`` experiment (its artifact location, its kind, texq's view of its
+runs table) and links to runs on a tracking server."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from flows import ROOT
+
+EXPERIMENT = "texq"
+# the runs table as texq's runs are read: MLflow shows Source, Models and Dataset by default and
+# keeps metrics and params behind its column picker; this view (an experiment tag MLflow's UI reads
+# from the link's viewStateShareKey) shows what tells runs apart and how they scored
+VIEW_KEY = "texq"
+VIEW_COLUMNS = ("metrics.`top1`", "metrics.`top1_ci95_low`", "metrics.`top1_ci95_high`",
+                "metrics.`fp_top1`", "params.`method`", "params.`w_bits`", "params.`a_bits`",
+                "params.`seed`", "params.`profile`", "params.`mkd`", "params.`finetune.alpha6`",
+                "tags.`texq.host`", "tags.`texq.gpu`", "attributes.`Models`", "attributes.`Dataset`")
+
+EXPERIMENT_TAGS = {
+    # a model-development experiment (MLflow's own kind tag; the 3.17 UI follows its per-browser
+    # GenAI / Model training switch instead, which runs_view_url's link sets)
+    "mlflow.experimentKind": "custom_model_development",
+    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps({
+        "selectedColumns": list(VIEW_COLUMNS), "orderByKey": "metrics.`top1`", "orderByAsc": False}),
+}
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else an absolute sqlite file in the project root (``$DVC_ROOT``
+    when DVC runs the stage in a temporary copy, so queued experiments keep their runs)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(os.environ.get("DVC_ROOT") or ROOT).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def client():
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
+def artifact_location() -> str | None:
+    """Beside a sqlite store, an absolute ``mlartifacts/`` folder (MLflow's default is ``./mlruns``
+    relative to the working directory, lost when DVC runs a stage in a temporary copy); a tracking
+    server decides for itself."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def experiment_id(c, name: str | None = None) -> str:
+    """The experiment's id (created on first use). Beside a sqlite store, an experiment whose
+    artifacts go anywhere but the ``mlartifacts/`` beside that store (MLflow fixes the absolute
+    path when it creates the experiment: a moved or copied project's store still names the old
+    folder) is refused, so that no run writes its artifacts into another checkout."""
+    from texq.errors import ConfigError
+
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = c.create_experiment(name, artifact_location=artifact_location(), tags=EXPERIMENT_TAGS)
+        return exp_id
+    for key, value in EXPERIMENT_TAGS.items():  # an experiment made before these tags existed
+        if exp.tags.get(key) != value:
+            c.set_experiment_tag(exp.experiment_id, key, value)
+    expected = artifact_location()
+    if expected and exp.artifact_location.rstrip("/") != expected.rstrip("/"):
+        raise ConfigError(
+            f"{tracking_uri()}: experiment {name!r} keeps its artifacts in {exp.artifact_location}, "
+            f"not beside this store ({expected}): the store was moved or copied from another "
+            "checkout. Use a fresh experiment (MLFLOW_EXPERIMENT_NAME=...), a fresh store (move "
+            "mlflow.db away), or a tracking server, whose artifact locations are its own "
+            "(mlflow-artifacts:/...)")
+    return exp.experiment_id
+
+
+def runs_view_url(experiment: str) -> str | None:
+    """The link to ``experiment``'s runs table with texq's columns (top-1, bits, method, seed, host
+    and GPU), on a tracking server; None for a local store (``mlflow ui`` serves it anywhere).
+    ``workflowType=machine_learning``: MLflow 3.17's UI opens an experiment on its GenAI overview
+    unless its per-browser "Model training" switch is on (the experiment's kind tag is not read)."""
+    uri = tracking_uri().rstrip("/")
+    if not uri.startswith("http"):
+        return None
+    return f"{uri}/#/experiments/{experiment}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+
+
+def run_url(run_id: str) -> str | None:
+    """A run's page on the tracking server; None for a local store."""
+    uri = tracking_uri().rstrip("/")
+    if not uri.startswith("http"):
+        return None
+    run = client().get_run(run_id)
+    return f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def safe_name(name: str, keep: str = "_-. :/", sub: str = "_") -> str:
+    """``name`` with every character but alphanumerics and ``keep`` replaced by ``sub``: by
+    default a class name as an MLflow metric-name part."""
+    return "".join(ch if ch.isalnum() or ch in keep else sub for ch in str(name))
