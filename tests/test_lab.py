@@ -2,7 +2,8 @@
 directory remote, two GPU "hosts" that share no files (each its own checkout, HOME, caches, DVC
 cache, assets and worker, and its own CUDA_VISIBLE_DEVICES) and a control host that runs the grid
 flows. A 2x2 grid submitted from a fourth folder runs on both hosts; one host's worker is SIGKILLed
-mid-stage; the same grid submitted again recomputes nothing. Everything is read back through the
+while its run trains (that run ends Crashed / FAILED, the others complete); the same grid
+submitted again recomputes nothing that had finished. Everything is read back through the
 servers (MLflow's REST API, Prefect's client) and the DVC remote, never from a host's files.
 
 Needs PostgreSQL's server binaries (.ci/run installs Debian's postgresql) and the shared assets
@@ -123,7 +124,7 @@ def _submit(sub: dict, timeout: float = 900) -> tuple[str, dict]:
     raise TimeoutError(f"grid {fid} not final after {timeout} s")
 
 
-def test_a_grid_on_two_hosts_through_the_servers_then_nothing_recomputed(lab):
+def test_a_grid_on_two_hosts_through_the_servers_then_nothing_finished_recomputed(lab):
     from mlflow.tracking import MlflowClient
 
     t0 = time.time()
