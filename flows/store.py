@@ -55,6 +55,11 @@ def artifact_location() -> str | None:
     return None
 
 
+def experiment_name() -> str:
+    """The experiment texq records into: ``$MLFLOW_EXPERIMENT_NAME``, else ``texq``."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+
+
 def experiment_id(c, name: str | None = None) -> str:
     """The experiment's id (created on first use). Beside a sqlite store, an experiment whose
     artifacts go anywhere but the ``mlartifacts/`` beside that store (MLflow fixes the absolute
@@ -62,11 +67,10 @@ def experiment_id(c, name: str | None = None) -> str:
     folder) is refused, so that no run writes its artifacts into another checkout."""
     from texq.errors import ConfigError
 
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    name = name or experiment_name()
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        exp_id = c.create_experiment(name, artifact_location=artifact_location(), tags=EXPERIMENT_TAGS)
-        return exp_id
+        return c.create_experiment(name, artifact_location=artifact_location(), tags=EXPERIMENT_TAGS)
     for key, value in EXPERIMENT_TAGS.items():  # an experiment made before these tags existed
         if exp.tags.get(key) != value:
             c.set_experiment_tag(exp.experiment_id, key, value)
@@ -86,19 +90,20 @@ def runs_view_url(experiment: str) -> str | None:
     and GPU), on a tracking server; None for a local store (``mlflow ui`` serves it anywhere).
     ``workflowType=machine_learning``: MLflow 3.17's UI opens an experiment on its GenAI overview
     unless its per-browser "Model training" switch is on (the experiment's kind tag is not read)."""
-    uri = tracking_uri().rstrip("/")
-    if not uri.startswith("http"):
-        return None
-    return f"{uri}/#/experiments/{experiment}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+    uri = _server_uri()
+    return uri and f"{uri}/#/experiments/{experiment}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
 
 def run_url(run_id: str) -> str | None:
     """A run's page on the tracking server; None for a local store."""
+    uri = _server_uri()
+    return uri and f"{uri}/#/experiments/{client().get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+
+def _server_uri() -> str | None:
+    """The tracking server's address (no trailing slash), None for a local store."""
     uri = tracking_uri().rstrip("/")
-    if not uri.startswith("http"):
-        return None
-    run = client().get_run(run_id)
-    return f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return uri if uri.startswith("http") else None
 
 
 def safe_name(name: str, keep: str = "_-. :/", sub: str = "_") -> str:

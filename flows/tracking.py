@@ -20,7 +20,7 @@ from typing import Iterator
 
 from flows import ROOT
 from flows.logged_model import log_quantized_model
-from flows.store import EXPERIMENT, client, experiment_id, safe_name
+from flows.store import client, experiment_id, experiment_name, safe_name
 
 KEY_TAG = "texq.pipeline_key"
 TRAINED_TAG = "texq.trained_fingerprint"
@@ -225,7 +225,7 @@ def result_run_id(flow_run_id: str, metrics: Path) -> str | None:
     (every stage up to date or restored from DVC's run cache, so none was opened) the latest
     finished run that logged this very ``metrics.json``."""
     c = client()
-    exp = c.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    exp = c.get_experiment_by_name(experiment_name())
     if exp is None:
         return None
     for query in (f"tags.`prefect_flow_run_id` = '{flow_run_id}'" if flow_run_id else None,
@@ -243,7 +243,7 @@ def end_flow_run_runs(flow_run_id: str, status: str) -> list[str]:
     grid's parent run) with ``status`` (KILLED for a cancelled flow run, FAILED for a crashed one):
     the state Prefect gave it. Returns the run ids ended."""
     c = client()
-    exp = c.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    exp = c.get_experiment_by_name(experiment_name())
     if exp is None or not flow_run_id:
         return []
     runs = c.search_runs([exp.experiment_id], f"tags.`prefect_flow_run_id` = '{flow_run_id}' "
