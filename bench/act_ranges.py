@@ -8,7 +8,7 @@ and prints top-1 on the 4500 JPEG dev images (the set to choose on) and on the 1
 images, with each alternative's paired difference to GDFQ's rule (start, generated) per seed.
 
 Step 1 does not depend on these settings: each seed's calibration set is synthesised once, by
-its first run, and copied into the other runs' folders (a run reuses a ``calibration.pt`` it finds).
+its first run, and copied into the other runs' folders (a run reuses a ``step1.pt`` it finds).
 
     python bench/act_ranges.py [--bits 3] [--seeds 0 1] [--profile quick] [--combos start-generated ...]
                                [--out out/bench/act_ranges]   (the default is always run: the pairs)
@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from texq.artifacts import load_quantized
-from texq.config import ACT_CALIB_AT, ACT_CALIB_INPUTS, RunConfig
 from texq.data import load_eval_data
 from texq.eval import evaluate
-from texq.io import write_json
-from texq.run import run
+from texq.method.finetune import ACT_CALIB_AT, ACT_CALIB_INPUTS
+from texq.models import load_quantized
+from texq.run.config import RunConfig
+from texq.run.runner import run
+from texq.util.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ("start", "generated")  # GDFQ's rule, texq's default
@@ -65,21 +66,21 @@ def main() -> None:
             cfg = replace(base, finetune=replace(base.finetune, act_calib_at=at, act_calib_inputs=inputs))
             folder = Path(args.out) / f"w{args.bits}a{args.bits}" / f"{at}-{inputs}-seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-            if step1 is not None and not (folder / "calibration.pt").exists():
-                shutil.copyfile(step1, folder / "calibration.pt")
+            if step1 is not None and not (folder / "step1.pt").exists():
+                shutil.copyfile(step1, folder / "step1.pt")
             print(f"== act ranges at {at} on {inputs}, W{args.bits}A{args.bits} seed {seed} -> {folder}",
                   flush=True)
             m = run(cfg, folder, progress=False)
-            step1 = step1 or folder / "calibration.pt"
+            step1 = step1 or folder / "step1.pt"
             dev_file = folder / "dev_metrics.json"
             if not dev_file.exists():
-                qmodel = load_quantized(folder / "qmodel.pt")
+                qmodel = load_quantized(folder / "train" / "qmodel.pt")
                 dev_data = dev_data or load_eval_data(dev, qmodel.texq_info)
                 write_json(dev_file, evaluate(qmodel, dev_data, progress=False).to_dict())
             dev_top1 = json.loads(dev_file.read_text())["top1"]
             rows.append({"at": at, "inputs": inputs, "seed": seed, "top1": m["top1"],
-                         "dev_top1": dev_top1, "seconds": m["seconds"]})
-            print(f"   top1 {m['top1']:.2f} (dev {dev_top1:.2f}), {m['seconds']:.0f} s", flush=True)
+                         "dev_top1": dev_top1, "train_seconds": m["train_seconds"]})
+            print(f"   top1 {m['top1']:.2f} (dev {dev_top1:.2f}), {m['train_seconds']:.0f} s", flush=True)
 
     ref = {r["seed"]: r for r in rows if (r["at"], r["inputs"]) == DEFAULT}  # runs of the default
     print("\n| act_calib_at | act_calib_inputs | runs | top-1 jpeg_dev (n=4500) | dev vs default "

@@ -33,10 +33,10 @@ from texq.data import gaussian_batches, load_eval_data
 from texq.export import export_onnx
 from texq.export.graph import float_graph
 from texq.export.qparams import quantized_layers
-from texq.export.runtime import compare, onnx_logits, session
-from texq.io import write_json
+from texq.export.runtime import check_agreement, onnx_logits, session
 from texq.models import create_model
 from texq.quant import QuantConfig, calibrate, quantize
+from texq.util.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,13 +79,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="texq-export-bench-"))
     fp_path = tmp / "fp32.onnx"
     fp_path.write_bytes(float_graph(model, info.input_size).SerializeToString())
-    fp_top1 = compare(session(fp_path), model, DataLoader(data, batch_size=500)).onnx_top1
+    fp_top1 = check_agreement(session(fp_path), model, DataLoader(data, batch_size=500)).onnx_top1
     rows = []
     for bits in args.bits:  # the files and their checks first, all torch work before any timing
         qmodel = quantize(model, QuantConfig(w_bits=bits, a_bits=bits))
         calibrate(qmodel, gaussian_batches(info, n_batches=8, batch_size=128, seed=0))
         summary = export_onnx(qmodel, tmp / f"w{bits}a{bits}.onnx")
-        check = compare(session(summary.onnx), qmodel, DataLoader(data, batch_size=500))
+        check = check_agreement(session(summary.onnx), qmodel, DataLoader(data, batch_size=500))
         rows.append({"bits": f"W{bits}A{bits}", "onnx": summary.onnx,
                      "fp32_onnx_bytes": fp_path.stat().st_size, "qdq_onnx_bytes": summary.bytes,
                      "packed_weight_codes_bytes": packed_weight_bytes(qmodel),

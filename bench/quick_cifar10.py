@@ -16,16 +16,17 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
 
-from texq.artifacts import load_quantized
-from texq.config import RunConfig
 from texq.data import load_eval_data
 from texq.eval import evaluate
-from texq.io import write_json
-from texq.run import run
+from texq.models import load_quantized
+from texq.run.config import RunConfig
+from texq.run.runner import run
+from texq.util.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = {  # Table 3's switches: name -> (laws, layered_bns, mkd)
@@ -72,10 +73,12 @@ def main() -> None:
                 laws=laws, layered_bns=lbns, mkd=mkd)
             folder = Path(args.out) / f"w{bits}a{bits}" / f"{label.replace(' ', '')}-seed{seed}"
             print(f"== {label} W{bits}A{bits} seed {seed} -> {folder}", flush=True)
+            start = time.perf_counter()
             m = run(cfg, folder, progress=False)
+            m["seconds"] = round(time.perf_counter() - start, 1)  # this call's wall time (0 if done)
             dev_file = folder / "dev_metrics.json"
             if not dev_file.exists():
-                qmodel = load_quantized(folder / "qmodel.pt")
+                qmodel = load_quantized(folder / "train" / "qmodel.pt")
                 dev_data = dev_data or load_eval_data(dev, qmodel.texq_info)
                 write_json(dev_file, evaluate(qmodel, dev_data, progress=False).to_dict())
             m["dev_top1"] = json.loads(dev_file.read_text())["top1"]

@@ -26,13 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from texq.calibration import synthesize
 from texq.data.photos import photo_crops
-from texq.config import PROFILES, RunConfig
-from texq.distill import distill_images
-from texq.generator import Generator
+from texq.method.calibration import synthesize
+from texq.method.distill import distill_images
+from texq.method.generator import Generator
+from texq.method.texture import (
+    LawsLossConfig,
+    dominant_count,
+    dominant_set,
+    laws_loss,
+    texture_energy,
+)
 from texq.models import create_model
-from texq.texture import LawsLossConfig, dominant_count, dominant_set, laws_loss, texture_energy
+from texq.run.config import PROFILES, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

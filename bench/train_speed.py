@@ -31,15 +31,15 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from texq.bns import LayerStats, bn_layers
-from texq.calibration import synthesize
-from texq.config import RunConfig
-from texq.device import memory_format, set_numerics
-from texq.finetune import Finetuner, Sources
-from texq.generator import Generator
-from texq.graphs import GraphedStep
+from texq.method.bns import LayerStats, bn_layers
+from texq.method.calibration import synthesize
+from texq.method.finetune import Finetuner, Sources
+from texq.method.generator import Generator
 from texq.models import create_model
 from texq.quant import QuantConfig, calibrate, quantize
+from texq.run.config import RunConfig
+from texq.util.device import memory_format, set_numerics
+from texq.util.graphs import GraphedStep
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2")
 

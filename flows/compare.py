@@ -65,7 +65,7 @@ def to_markdown(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> str:
 def compare(experiment: str = "texq", out: str | Path | None = None,
             extra: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str]:
     """The comparison table and its Markdown; with ``out``, also ``compare.csv`` and ``compare.md``."""
-    from texq.io import atomic_path
+    from texq.util.io import atomic_path
 
     table = compare_table(load_runs(experiment, extra), extra)
     md = to_markdown(table, extra)

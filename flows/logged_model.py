@@ -23,7 +23,7 @@ def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool, scores:
     import torch
     from mlflow.models import infer_signature
 
-    from texq.artifacts import load_quantized
+    from texq.models import load_quantized
 
     q = load_quantized(path).eval()
     size = q.texq_info.input_size

@@ -22,9 +22,9 @@ from pydantic import Field, StringConstraints
 
 from flows import ROOT, store, tracking, workspace
 from flows.store import client, experiment_id
-from texq.errors import TexqError
-from texq.keys import assign, leaves
 from texq.pipeline import STAGES, load_params
+from texq.util.errors import TexqError
+from texq.util.keys import assign, leaves
 
 
 def merged_params(base: str | Path | dict, overrides: dict[str, Any]) -> dict:
@@ -33,13 +33,13 @@ def merged_params(base: str | Path | dict, overrides: dict[str, Any]) -> dict:
     any work starts)."""
     import copy
 
-    from texq.pipeline import run_config
+    from texq.pipeline import pipeline_config
 
     source = "params" if isinstance(base, dict) else str(base)
     params = copy.deepcopy(base) if isinstance(base, dict) else load_params(base)
     for key, value in overrides.items():
         assign(params, key, value, f"key of {source}")  # a key the file does not hold is refused
-    run_config(params, f"{source} + {overrides}")
+    pipeline_config(params, f"{source} + {overrides}")
     return params
 
 
@@ -147,7 +147,9 @@ def _publish_result(folder: Path, fid: str, result: dict, ran: list[str]) -> Non
     that holds it (this flow run's, else the earlier one that logged the same metrics.json)."""
     from prefect.artifacts import create_table_artifact
 
-    run_id = tracking.result_run_id(fid, folder / workspace.OUT / "metrics.json")
+    from texq.run.layout import Layout
+
+    run_id = tracking.result_run_id(fid, Layout(folder / workspace.OUT).metrics)
     url = store.run_url(run_id) if run_id else ""
     low, high = result["top1_ci95"]
     create_table_artifact([{"top1": result["top1"], "top1_ci95": f"{low:.2f}-{high:.2f}",
@@ -262,7 +264,11 @@ def _child_result(fid) -> dict:
     """A child's top-1 and MLflow run, from its ``texq-result`` artifact on the Prefect server
     (nothing read from the child's files: it may have run on another host)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
     with get_client(sync_client=True) as pc:
         arts = pc.read_artifacts(artifact_filter=ArtifactFilter(

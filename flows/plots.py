@@ -47,7 +47,7 @@ def offline_template() -> str:
     try:
         import vl_convert as vlc
     except ImportError as exc:
-        from texq.errors import TexqError
+        from texq.util.errors import TexqError
 
         raise TexqError("the offline plots template needs vl-convert-python (pip install "
                         "'texq[pipeline]')") from exc
@@ -60,7 +60,7 @@ def offline_template() -> str:
 
 def write_template(dest: str | Path = DEFAULT) -> Path:
     """Write the template to ``dest`` atomically (unchanged content is not rewritten)."""
-    from texq.io import atomic_path
+    from texq.util.io import atomic_path
 
     dest = Path(dest)
     text = offline_template()

@@ -17,17 +17,18 @@ import os
 import signal
 import sys
 
-from texq.errors import TexqError
+from texq.util.errors import TexqError
 
 
 def main(argv: list[str] | None = None) -> int:
     from texq.pipeline import STAGES
+    from texq.util.device import DEVICES
 
     p = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=STAGES)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="out/pipeline")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", choices=DEVICES,
                    default=os.environ.get("TEXQ_DEVICE") or "auto")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

@@ -65,7 +65,7 @@ def experiment_id(c, name: str | None = None) -> str:
     artifacts go anywhere but the ``mlartifacts/`` beside that store (MLflow fixes the absolute
     path when it creates the experiment: a moved or copied project's store still names the old
     folder) is refused, so that no run writes its artifacts into another checkout."""
-    from texq.errors import ConfigError
+    from texq.util.errors import ConfigError
 
     name = name or experiment_name()
     exp = c.get_experiment_by_name(name)

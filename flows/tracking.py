@@ -67,13 +67,11 @@ def where_tags() -> dict[str, str]:
 
 
 def flat_params(cfg) -> dict[str, str]:
-    """The settings the run uses under their one dotted name (texq.methods.effective_settings: what
+    """The settings the run uses under their one dotted name (texq.run.methods.effective_settings: what
     its method applies, None for a switch it has no module for, no section it never reads)."""
-    from texq.methods import effective_settings
+    from texq.run.methods import effective_settings
 
-    # quant.w_bits/a_bits mirror the top-level w_bits/a_bits (params.yaml's one home for the bits)
-    skip = {"device", "quant.w_bits", "quant.a_bits"}
-    return {k: str(v) for k, v in effective_settings(cfg).items() if k not in skip}
+    return {k: str(v) for k, v in effective_settings(cfg).items() if k != "device"}
 
 
 def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
@@ -109,32 +107,35 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
 
 def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool = False) -> None:
     """What a finished stage adds to the run: metrics (batched), artifacts and, after
-    ``evaluate``, the run's pictures (``flows.figures.pipeline_pictures``, also in ``out/figures``)."""
+    ``evaluate``, the run's pictures (``texq.run.figures.run_pictures``, also in ``out/figures``)."""
     import time
 
     from mlflow.entities import Metric
 
-    from flows.figures import loss_curves, read_history
+    from texq.run.figures import loss_curves, read_history, run_pictures
+    from texq.run.layout import Layout
+
+    layout = Layout(out)
 
     now = int(time.time() * 1000)
     metrics: list = []
     if stage == "teacher":
-        r = json.loads((out / "teacher.json").read_text())
+        r = json.loads(layout.teacher.read_text())
         metrics.append(Metric("fp_top1", r["top1"], now, 0))
-        c.log_artifact(run_id, str(out / "teacher.json"))
+        c.log_artifact(run_id, str(layout.teacher))
     elif stage == "train":
-        folder = out / "train"  # ZeroQ trains nothing: no history.jsonl, no generator
-        rows = read_history(folder / "history.jsonl") if (folder / "history.jsonl").exists() else []
+        # ZeroQ trains nothing: no history.jsonl, no generator
+        rows = read_history(layout.history) if layout.history.exists() else []
         for row in rows:  # step = the epoch counted from 1: step 0 holds the run's scores alone
             metrics += [Metric(k, float(v), now, int(row["epoch"]) + 1) for k, v in row.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
-        for name in ("summary.json", "history.jsonl", "qmodel.pt"):
-            if (folder / name).exists():
-                c.log_artifact(run_id, str(folder / name), "train")
+        for path in (layout.summary, layout.history, layout.qmodel):
+            if path.exists():
+                c.log_artifact(run_id, str(path), "train")
         if rows:
             c.log_figure(run_id, loss_curves(rows), "train/loss_curves.png")
     elif stage == "evaluate":
-        r = json.loads((out / "metrics.json").read_text())
+        r = json.loads(layout.metrics.read_text())
         for k in ("top1", "top5", "correct", "n", "fp_top1", "train_seconds"):
             metrics.append(Metric(k, float(r[k]), now, 0))
         low, high = r["top1_ci95"]  # a 95% interval is two numbers: two metrics
@@ -151,17 +152,15 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
         # the scores first: the logged model takes the run's metrics at its step (0) when logged
         _log_metrics(c, run_id, metrics)
         metrics = []
-        c.log_artifact(run_id, str(out / "metrics.json"))
+        c.log_artifact(run_id, str(layout.metrics))
         # which trained model was scored: a rerun of evaluate alone is not another result
-        summary = json.loads((out / "train" / "summary.json").read_text())
+        summary = json.loads(layout.summary.read_text())
         c.set_tag(run_id, TRAINED_TAG, summary["fingerprint"])
-        c.set_tag(run_id, METRICS_TAG, file_sha256(out / "metrics.json"))
+        c.set_tag(run_id, METRICS_TAG, file_sha256(layout.metrics))
         if cfg is not None:
-            from flows.figures import pipeline_pictures
-
-            for path in pipeline_pictures(out, cfg):
+            for path in run_pictures(layout, cfg):
                 c.log_artifact(run_id, str(path), "figures")
-            log_quantized_model(c, run_id, out / "train" / "qmodel.pt", cfg, register, r)
+            log_quantized_model(c, run_id, layout.qmodel, cfg, register, r)
     _log_metrics(c, run_id, metrics)
 
 
@@ -255,14 +254,11 @@ def end_flow_run_runs(flow_run_id: str, status: str) -> list[str]:
 
 def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, device: str = "auto",
                       progress: bool = True, parent_run_id: str = "", flow_run_id: str = "") -> dict:
-    """``texq.pipeline.run_stage`` inside its pipeline run's MLflow run."""
-    from dataclasses import replace
+    """``texq.pipeline.run_stage`` inside its pipeline run's MLflow run, the params file read
+    once (the run's configuration, and whether it registers its model)."""
+    from texq.pipeline import read_config, run_stage
 
-    from texq.pipeline import load_params, run_config, run_stage
-    from texq.pipeline.params import register_model
-
-    params = load_params(params_file)  # one read: the run's config and the registry switch
-    cfg = replace(run_config(params, str(params_file)), device=device)
-    register = register_model(params, str(params_file))  # auto: the paper profile's runs
-    with tracked_stage(name, params_file, out, cfg, parent_run_id, flow_run_id, register):
-        return run_stage(name, params_file, out, device, progress)
+    config = read_config(params_file, device)
+    with tracked_stage(name, params_file, out, config.run, parent_run_id, flow_run_id,
+                       config.registers_model):
+        return run_stage(name, config, out, progress)

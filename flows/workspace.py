@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import ROOT
-from texq.errors import TexqError
+from texq.util.errors import TexqError
 
 OUT = Path("out/pipeline")  # where dvc.yaml's stages write, relative to the workspace
 REMOTE_ENV = "TEXQ_DVC_REMOTE"  # a DVC remote (a folder on shared storage, s3://, ssh://) for outs and run cache
@@ -60,7 +60,7 @@ def prepare(folder: str | Path, params: dict) -> Path:
     changed since."""
     import yaml
 
-    from texq.io import atomic_path
+    from texq.util.io import atomic_path
 
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,9 +163,10 @@ def repro(folder: str | Path, name: str, env: dict[str, str] | None = None,
 
 def result(folder: str | Path, name: str) -> dict[str, Any]:
     """What a stage left for the flow: evaluate's metrics, teacher's score, else its name."""
-    out = Path(folder) / OUT
-    files = {"teacher": out / "teacher.json", "evaluate": out / "metrics.json",
-             "train": out / "train" / "summary.json"}
+    from texq.run.layout import Layout
+
+    layout = Layout(Path(folder) / OUT)
+    files = {"teacher": layout.teacher, "evaluate": layout.metrics, "train": layout.summary}
     if name in files and files[name].is_file():
         data = json.loads(files[name].read_text())
         return data if name != "train" else {"stage": name, "seconds": data.get("seconds")}

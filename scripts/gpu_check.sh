@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 step "cuda tests"
 TEXQ_ASSETS="$assets" timeout 300 "$py" -m pytest -q -p no:cacheprovider \
-    tests/test_cuda.py tests/test_placement.py tests/test_augment.py 2>&1 | tee "$out/tests.log" | tail -5
+    tests/run/test_cuda.py tests/method/test_placement.py tests/method/test_augment.py 2>&1 | tee "$out/tests.log" | tail -5
 tests_rc=${PIPESTATUS[0]}
 
 step "benchmark (float32, CUDA graphs; then TF32)"

@@ -87,3 +87,16 @@ def tiny_params(tiny_setup, tmp_path_factory):
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_setup, tmp_path_factory):
+    """A finished ``texq run`` folder of tiny_setup's model (tiny profile, TexQ W4A4, seed 0, CPU),
+    shared by the tests that read one: read it, never write into it."""
+    from texq.run import RunConfig, run
+
+    ckpt, data, _ = tiny_setup
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    run(RunConfig.for_profile("tiny", model="resnet8_cifar10", checkpoint=str(ckpt), data=str(data),
+                              device="cpu"), out, progress=False)
+    return out

@@ -92,7 +92,7 @@ def bad_inputs(tmp_path, ckpt, small_npz):
                                 "label 12 at index 2"),
         "missing data": (base + ["--checkpoint", str(ckpt), "--data", str(tmp_path / "none.npz")],
                          "not found"),
-        "no weights": (base + ["--data", str(small_npz)], "--checkpoint PATH or --pretrained"),
+        "no weights": (base + ["--data", str(small_npz)], "a checkpoint (--checkpoint PATH) or the published ones (--pretrained)"),
         "unknown model": (["eval", "--model", "resnet21_cifar10", "--checkpoint", str(ckpt),
                            "--data", str(small_npz)], "6n+2"),
     }

@@ -1,7 +1,9 @@
 """``texq`` command line.
 
 Every command prints human-readable progress on stderr and, as the last line on stdout, one JSON
-object with its result. Bad input exits with status 2 and one ``texq: error: ...`` line.
+object with its result. Bad input exits with status 2 and one ``texq: error: ...`` line. Installed
+packages add commands through the ``texq.commands`` entry points (the pipeline's ``texq compare``
+comes from ``flows``): texq imports nothing of theirs.
 """
 
 from __future__ import annotations
@@ -12,28 +14,28 @@ import logging
 import os
 import sys
 import time
+from importlib.metadata import entry_points
 
-from texq.errors import TexqError
-from texq.pipeline import STAGES
+from texq.pipeline.stages import STAGES
+from texq.run.config import PROFILES
+from texq.run.methods import METHODS
+from texq.util.device import DEVICES
+from texq.util.errors import TexqError
 
 log = logging.getLogger("texq")
-
+COMMANDS = "texq.commands"  # entry points adding subcommands: f(subparsers) adds its parser
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from texq.data import gaussian_batches, load_eval_data
     from texq.eval import evaluate
-    from texq.io import write_json
-    from texq.models import create_model, load_checkpoint
+    from texq.models import check_weights, create_model, load_checkpoint
     from texq.quant import FULL_PRECISION, QuantConfig, calibrate, quantize
-    from texq.device import use_device
+    from texq.util.device import use_device
+    from texq.util.io import write_json
 
     start = time.perf_counter()
     model = factory_model(args)  # a factory's errors come before any work
-    if model is None and args.checkpoint is None and not args.pretrained:
-        raise TexqError("give the model's weights: --checkpoint PATH or --pretrained")
-    if model is not None and args.pretrained:
-        raise TexqError(f"--pretrained: published weights exist for registry models only, not for "
-                        f"{args.model!r} (a factory builds its model with its weights)")
+    check_weights(args.model, args.pretrained, args.checkpoint, own_module=model is not None)
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, per_channel=not args.per_tensor,
                       first_layer_bits=args.first_layer_bits, last_layer_bits=args.last_layer_bits,
                       fold_bn=args.fold_bn)
@@ -100,42 +102,27 @@ def factory_model(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
-    from texq.config import RunConfig
-    from texq.keys import with_overrides
-    from texq.run import run
+    from texq.run.config import RunConfig
+    from texq.run.runner import run
 
     model = factory_model(args)  # a factory's errors come before any work
     cfg = RunConfig.for_profile(
         args.profile, info=model.texq_info if model is not None else None,
+        overrides=parse_overrides(args.set or []),
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
         data=args.data, train_data=args.train_data, method=args.method, w_bits=args.w_bits,
         a_bits=args.a_bits, seed=args.seed, device=args.device, laws=not args.no_laws,
         layered_bns=not args.no_layered_bns, mkd=not args.no_mkd)
-    cfg = with_overrides(cfg, parse_overrides(args.set or []))
     log.info("texq run: %s W%dA%d %s, profile %s, seed %d -> %s", cfg.method, cfg.w_bits,
              cfg.a_bits, cfg.model, cfg.profile, cfg.seed, args.out)
     return run(cfg, args.out, progress=not args.no_progress, model=model)
 
 
 def cmd_stage(args: argparse.Namespace) -> dict:
-    from texq.pipeline import run_stage
+    from texq.pipeline import read_config, run_stage
 
-    return run_stage(args.name, args.params, args.out, args.device, progress=not args.no_progress)
-
-
-def cmd_compare(args: argparse.Namespace) -> dict:
-    # the tracking side lives in flows/ (texq's library never imports mlflow)
-    try:
-        from flows.compare import compare
-    except ImportError as exc:
-        raise TexqError(f"texq compare needs the pipeline extra (pip install -e '.[pipeline]'): {exc}")
-    try:
-        table, md = compare(args.experiment, args.out, tuple(args.by or ()))
-    except LookupError as exc:
-        raise TexqError(str(exc)) from exc
-    print(md)
-    rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-    return {"command": "compare", "experiment": args.experiment, "rows": len(table), "table": rows}
+    return run_stage(args.name, read_config(args.params, args.device), args.out,
+                     progress=not args.no_progress)
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
@@ -149,7 +136,7 @@ def cmd_models(args: argparse.Namespace) -> dict:
 
 def cmd_export(args: argparse.Namespace) -> dict:
     from texq.export import export_onnx, load_run, require_onnx
-    from texq.export.runtime import check_batches, compare, session
+    from texq.export.runtime import check_agreement, check_batches, session
     from texq.models import get_info
 
     start = time.perf_counter()
@@ -159,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
     log.info("wrote %s (%d bytes): %d quantized layers, weights %s, inputs %s", summary.onnx,
              summary.bytes, summary.layers, summary.weight_types, summary.input_types)
     batches = check_batches(get_info(qmodel), args.check_data, args.check_images)
-    check = compare(session(args.onnx), qmodel, batches)
+    check = check_agreement(session(args.onnx), qmodel, batches)
     log.info("ONNX Runtime vs texq on %d %s: %.2f%% same class, max |logit diff| %.3g", check.n,
              args.check_data or "Gaussian-noise images", check.agreement, check.max_abs_logit_diff)
     return {"command": "export", "run_dir": args.run_dir, **summary.to_dict(),
@@ -167,12 +154,21 @@ def cmd_export(args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _factory_flags(parser: argparse.ArgumentParser) -> None:
-    """What a ``--model module:callable`` factory's module may not carry in its texq_info."""
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    """The full-precision model, its weights and the evaluation set (texq eval, texq run)."""
+    parser.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10 (see "
+                        "`texq models`), or a factory my_models:build returning an nn.Module "
+                        "(from . or PYTHONPATH)")
+    # a factory's model without texq_info is described by these (each replaces its texq_info's)
     parser.add_argument("--num-classes", type=int, help="a factory's model: its class count")
     parser.add_argument("--input-size", type=int, help="a factory's model: its square input side (px)")
     parser.add_argument("--mean", type=float, nargs=3, metavar="M", help="a factory's model: RGB mean")
     parser.add_argument("--std", type=float, nargs=3, metavar="S", help="a factory's model: RGB std")
+    parser.add_argument("--checkpoint", help="weights of the full-precision model (a state dict or "
+                        "a dict holding one)")
+    parser.add_argument("--pretrained", action="store_true", help="use the published weights")
+    parser.add_argument("--data", required=True, help="evaluation set: a .npz file, cifar10, "
+                        "cifar100 or an image folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,12 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="top-1/top-5 of a full-precision or quantized model")
-    e.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10 (see `texq "
-                   "models`), or a factory module:callable returning an nn.Module")
-    _factory_flags(e)
-    e.add_argument("--checkpoint", help="weights file to load (state dict or a dict holding one)")
-    e.add_argument("--pretrained", action="store_true", help="use the published weights (download)")
-    e.add_argument("--data", required=True, help="a .npz file, cifar10, cifar100 or an image folder")
+    _model_flags(e)
     e.add_argument("--w-bits", type=int, default=32, help="weight bits, 2..8 (32 = float)")
     e.add_argument("--a-bits", type=int, default=32, help="activation bits, 2..8 (32 = float)")
     e.add_argument("--per-tensor", action="store_true", help="one weight range per tensor")
@@ -199,27 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the calibration noise")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--out", help="also write the JSON result to this file (atomically)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("run", help="quantize a model with TexQ or a baseline, fine-tune, evaluate")
-    r.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10, or a "
-                   "factory my_models:build returning an nn.Module (from . or PYTHONPATH)")
-    # a factory's model without texq_info is described by these (each replaces its texq_info's)
-    _factory_flags(r)
-    r.add_argument("--checkpoint", help="weights of the full-precision model")
-    r.add_argument("--pretrained", action="store_true", help="use the published weights")
-    r.add_argument("--data", required=True, help="evaluation set: .npz, cifar10, cifar100 or a folder")
+    _model_flags(r)
     r.add_argument("--train-data", help="real training images (method real only)")
-    r.add_argument("--method", choices=["texq", "gdfq", "zeroq", "real"], default="texq")
-    r.add_argument("--profile", choices=["paper", "quick", "tiny"], default="paper",
+    r.add_argument("--method", choices=METHODS, default="texq")
+    r.add_argument("--profile", choices=PROFILES, default="paper",
                    help="paper: the full protocol (GPU); quick: minutes on a CPU; tiny: tests")
     r.add_argument("--w-bits", type=int, default=4)
     r.add_argument("--a-bits", type=int, default=4)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    r.add_argument("--device", choices=DEVICES, default="auto")
     r.add_argument("--out", required=True, help="run folder (a rerun with the same --out resumes)")
     r.add_argument("--no-laws", action="store_true", help="ablation: drop L_LAWS^C (Table 3)")
     r.add_argument("--no-layered-bns", action="store_true",
@@ -234,15 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("name", choices=STAGES)
     st.add_argument("--params", default="params.yaml", help="the pipeline's parameters file")
     st.add_argument("--out", default="out/pipeline", help="folder of the stages' outputs")
-    st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    st.add_argument("--device", choices=DEVICES, default="auto")
     st.add_argument("--no-progress", action="store_true")
     st.set_defaults(func=cmd_stage)
-
-    c = sub.add_parser("compare", help="MLflow runs as a table: method x bits x switches -> top-1")
-    c.add_argument("--experiment", default="texq", help="MLflow experiment (MLFLOW_TRACKING_URI)")
-    c.add_argument("--out", help="also write compare.csv and compare.md into this folder")
-    c.add_argument("--by", nargs="+", metavar="PARAM", help="more settings to group by, e.g. finetune.alpha6")
-    c.set_defaults(func=cmd_compare)
 
     x = sub.add_parser("export", help="write a run's quantized model as an ONNX QDQ graph")
     x.add_argument("run_dir", help="run folder holding qmodel.pt (texq run --out, or out/pipeline/train)")
@@ -254,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list registered model names")
     m.set_defaults(func=cmd_models)
+    for command in entry_points(group=COMMANDS):  # e.g. the pipeline extra's `texq compare`
+        command.load()(sub)
     return p
 
 

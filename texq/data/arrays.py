@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from texq.errors import DataError
+from texq.util.errors import DataError
 
 
 def load_npz(path: str | os.PathLike, num_classes: int, input_size: int | None = None

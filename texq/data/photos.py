@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from texq.errors import ConfigError
+from texq.util.errors import ConfigError
 
 
 def photo_crops(n_per_scale: int = 12, seed: int = 0, skimage: bool = True) -> torch.Tensor:

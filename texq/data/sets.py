@@ -18,9 +18,9 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from texq.data.arrays import npz_dataset
-from texq.errors import DataError
 from texq.models.info import ModelInfo
 from texq.models.weights import texq_home
+from texq.util.errors import DataError
 
 TORCHVISION_SETS = {"cifar10": 10, "cifar100": 100}
 # named subsets: spec -> (torchvision set, first n test images, file in $TEXQ_ASSETS holding them)

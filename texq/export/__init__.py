@@ -1,6 +1,6 @@
 """Deployable models: a quantized model as an ONNX QDQ graph (``texq export``).
 
-    qmodel = load_run("runs/texq-w4a4-s0")          # the run's qmodel.pt
+    qmodel = load_run("runs/texq-w4a4-s0")          # the run's train/qmodel.pt
     summary = export_onnx(qmodel, "model.onnx")     # onnx.checker-checked, written atomically
 
 Needs the export extra, ``pip install 'texq[export]'`` (onnx, onnxruntime, and onnxscript for
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 import texq
-from texq.errors import CheckpointError, ExportError
 from texq.export.qparams import LayerQDQ, float_model, quantized_layers
-from texq.io import atomic_path
 from texq.models import get_info
+from texq.util.errors import CheckpointError, ExportError
+from texq.util.io import atomic_path
 
 if TYPE_CHECKING:
     import onnx
@@ -43,18 +43,19 @@ def require_onnx() -> None:
 
 
 def load_run(run_dir: str | os.PathLike) -> nn.Module:
-    """The quantized model a run folder holds (``qmodel.pt``), in eval mode."""
-    from texq.artifacts import load_quantized
+    """The quantized model a run folder holds (``train/qmodel.pt`` of a ``texq run --out`` folder
+    or of ``out/pipeline``; or ``qmodel.pt`` of the ``train`` folder itself), in eval mode."""
+    from texq.models import load_quantized
 
     path = Path(run_dir)
     if not path.is_dir():
         raise CheckpointError(f"run folder not found: {path} (expected a folder written by "
-                              "`texq run`, holding qmodel.pt)")
-    qpath = path / "qmodel.pt"
-    if not qpath.is_file():
-        raise CheckpointError(f"no quantized model in run folder {path}: {qpath.name} not found "
-                              "(a run writes it when it finishes)")
-    return load_quantized(qpath)
+                              "`texq run` or the pipeline, holding train/qmodel.pt)")
+    for qpath in (path / "train" / "qmodel.pt", path / "qmodel.pt"):
+        if qpath.is_file():
+            return load_quantized(qpath)
+    raise CheckpointError(f"no quantized model in run folder {path}: train/qmodel.pt not found "
+                          "(a run writes it when its training finishes)")
 
 
 @dataclass(frozen=True)

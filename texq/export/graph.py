@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from texq.errors import ExportError
 from texq.export.qparams import ActQDQ, LayerQDQ, WeightQDQ
+from texq.util.errors import ExportError
 
 if TYPE_CHECKING:
     import onnx

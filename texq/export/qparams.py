@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from texq.errors import ExportError
 from texq.quant.functional import (
     channel_min_max,
     fake_quantize,
@@ -33,6 +32,7 @@ from texq.quant.functional import (
     tensor_min_max,
 )
 from texq.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+from texq.util.errors import ExportError
 
 #: ONNX integer types usable by QuantizeLinear/DequantizeLinear at opset 21, with their ranges
 INT_RANGES: dict[str, tuple[int, int]] = {

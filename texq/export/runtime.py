@@ -63,7 +63,7 @@ def _percent(k: int, n: int) -> float:
 
 
 @torch.no_grad()
-def compare(sess: "onnxruntime.InferenceSession", qmodel: nn.Module,
+def check_agreement(sess: "onnxruntime.InferenceSession", qmodel: nn.Module,
             batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> Agreement:
     """Run ``sess`` and ``qmodel`` (on the CPU, eval mode) on ``batches`` of (images, labels or
     None) and compare their predictions and logits."""
@@ -82,7 +82,7 @@ def compare(sess: "onnxruntime.InferenceSession", qmodel: nn.Module,
             ours_ok += int((p_ours == y.numpy()).sum())
             theirs_ok += int((p_theirs == y.numpy()).sum())
     if n == 0:
-        raise ValueError("compare() got no inputs")
+        raise ValueError("check_agreement() got no inputs")
     d = np.concatenate(diffs)
     return Agreement(n, _percent(same, n), float(d.max()), float(d.mean()),
                      _percent(theirs_ok, n) if labels else None,
@@ -91,7 +91,7 @@ def compare(sess: "onnxruntime.InferenceSession", qmodel: nn.Module,
 
 def check_batches(info: ModelInfo, data: str | None, noise_images: int = 64, seed: int = 0,
                   batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Inputs for :func:`compare`: the evaluation set ``data`` (labelled), or else
+    """Inputs for :func:`check_agreement`: the evaluation set ``data`` (labelled), or else
     ``noise_images`` Gaussian-noise images in the model's input space (no labels)."""
     if data is None:
         from texq.data import gaussian_batches

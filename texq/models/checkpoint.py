@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from texq.errors import CheckpointError
-from texq.io import load_torch
+from texq.util.errors import CheckpointError
+from texq.util.io import load_torch
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)

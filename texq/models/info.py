@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from texq.errors import ConfigError
+from texq.util.errors import ConfigError
 
 CIFAR_SCALE_MAX = 64  # inputs up to this side follow the lineage's CIFAR settings, larger ImageNet's
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from torch import nn
 
-from texq.errors import CheckpointError, ConfigError
 from texq.models.checkpoint import load_checkpoint
 from texq.models.cifar_resnet import CifarResNet, CifarResNetA, blocks_per_stage
 from texq.models.info import ModelInfo, get_info
 from texq.models.user import build_factory, is_factory_spec
 from texq.models.weights import PRETRAINED, fetch
+from texq.util.errors import CheckpointError, ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +49,19 @@ def list_models() -> list[str]:
 def is_registered(name: str) -> bool:
     """Whether ``name`` is a registry name (a CIFAR ResNet name of any depth, or listed)."""
     return bool(CIFAR_NAME.match(name)) or name in TORCHVISION_MODELS
+
+
+def check_weights(model: str, pretrained: bool, checkpoint, own_module: bool = False) -> None:
+    """Refuse a source of weights that cannot be: published weights for a model of one's own (a
+    factory spec, a name the registry lacks, or a module given), or no weights for a registry
+    model. The one home of these refusals (RunConfig, ``texq eval``, ``texq run``)."""
+    own = own_module or not is_registered(model)
+    if pretrained and own:
+        raise ConfigError(f"pretrained: published weights exist for registry models only, not for "
+                          f"{model!r} (a model of one's own comes with its weights, or a checkpoint's)")
+    if not own and checkpoint is None and not pretrained:
+        raise ConfigError("give the model's weights: a checkpoint (--checkpoint PATH) or the "
+                          "published ones (--pretrained)")
 
 
 def model_info(name: str) -> ModelInfo:

@@ -4,7 +4,7 @@ the digests that tie a run folder or a saved quantized model to one model.
 A factory spec ``my_pkg.models:build`` names a callable that takes no arguments and returns an
 ``nn.Module``; its :class:`ModelInfo` is the module's ``texq_info``, or is given field by field
 (``texq run --num-classes --input-size --mean --std``). texq records the spec in the info
-(``factory``), so that a resumed run or ``texq.artifacts.load_quantized`` rebuilds the model.
+(``factory``), so that a resumed run or ``texq.models.quantized.load_quantized`` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from texq.errors import ConfigError
 from texq.models.info import ModelInfo, get_info
 from texq.quant import quantizable_layers, unquantized_layers
+from texq.util.errors import ConfigError
 
 _NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 FACTORY_SPEC = re.compile(rf"^({_NAME}):({_NAME})$")  # dotted.module:attribute[.attribute]

@@ -15,8 +15,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from texq.errors import CheckpointError
-from texq.io import atomic_path
+from texq.util.errors import CheckpointError
+from texq.util.io import atomic_path
 
 PYTORCHCV_URL = "https://github.com/osmr/imgclsmob/releases/download/{tag}/{file}.zip"
 AKAMASTER_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/{file}"

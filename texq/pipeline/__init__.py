@@ -1,7 +1,12 @@
-"""The pipeline's stages and their configuration file (no Prefect, MLflow or DVC imports here:
-``flows/`` and ``dvc.yaml`` call these)."""
+"""The pipeline: ``params.yaml`` read into a ``PipelineConfig`` and the stages that run one step
+each (no Prefect, MLflow or DVC imports here: ``flows/`` and ``dvc.yaml`` call these)."""
 
-from texq.pipeline.params import load_params, run_config
+from texq.pipeline.params import (
+    PipelineConfig,
+    load_params,
+    pipeline_config,
+    read_config,
+)
 from texq.pipeline.stages import STAGES, run_stage
 
-__all__ = ["STAGES", "load_params", "run_config", "run_stage"]
+__all__ = ["PipelineConfig", "STAGES", "load_params", "pipeline_config", "read_config", "run_stage"]

@@ -1,7 +1,8 @@
-"""``params.yaml`` -> ``RunConfig``: the pipeline's configuration, checked key by key.
+"""``params.yaml`` -> ``PipelineConfig``: the pipeline's configuration, read once per stage and
+checked key by key.
 
 The file has ``RunConfig``'s structure: its top-level settings at the top level (``profile``,
-``model``, ``method``, ``w_bits``, ``seed``, the Table 3 switches, ...) and one section per stage
+``model``, ``method``, ``w_bits``, ``seed``, the Table 3 switches, ...) and one section per method
 config (``quant`` without the bits, ``calibration``, ``generator``, ``finetune``, ``distill``), plus
 the pipeline's own ``evaluate`` section. So a setting has one dotted key everywhere
 (``finetune.alpha6``, ``w_bits``: ``texq run --set``, ``dvc exp run -S``, grids, MLflow params).
@@ -11,21 +12,48 @@ overrides it. The device is the machine's (``--device``), not a parameter.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_type_hints
 
-from texq.config import RunConfig
-from texq.errors import ConfigError
-from texq.keys import check_value, leaves, with_overrides
+from texq.run.config import RunConfig
+from texq.util.errors import ConfigError
+from texq.util.keys import build, check_value, leaves
 
 AUTO = "auto"
-PIPELINE_SECTIONS = ("evaluate",)  # sections of the pipeline, not of RunConfig
-EVALUATE_KEYS = ("batch_size", "register_model")
 NOT_IN_FILE = {"device": "the device is the machine's: give --device to the stage",
                "quant.w_bits": "set the top-level w_bits (one source of truth for the bits)",
                "quant.a_bits": "set the top-level a_bits (one source of truth for the bits)"}
-FIRST = ("model", "checkpoint", "pretrained")  # what a profile's defaults depend on or need
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The pipeline's ``evaluate`` section: how the teacher and evaluate stages score, and what a
+    tracked run does with its model."""
+
+    batch_size: int = 256  # evaluation batch; any size gives the same counts
+    register_model: bool | str = AUTO  # a version in MLflow's registry per tracked run; auto: paper runs
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"evaluate.batch_size={self.batch_size!r}: expected a positive integer")
+        if self.register_model not in (True, False, AUTO):
+            raise ConfigError(f"evaluate.register_model={self.register_model!r}: expected auto, "
+                              f"true or false")
+
+    def registers(self, profile: str) -> bool:
+        """Whether a tracked run registers its quantized model: ``auto`` for the ``paper`` profile
+        only, so that quick and tiny runs (previews, tests) add no versions."""
+        return profile == "paper" if self.register_model == AUTO else bool(self.register_model)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run: RunConfig  # the run's settings: every section but evaluate
+    evaluate: EvaluateConfig  # the pipeline's evaluate section
+
+    @property
+    def registers_model(self) -> bool:
+        return self.evaluate.registers(self.run.profile)
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
@@ -43,67 +71,27 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     return params
 
 
-def _keyed_section(params: dict, name: str, keys: tuple[str, ...], source: str) -> dict:
-    """Top-level section ``name`` (absent: empty), a mapping whose keys are among ``keys``."""
-    section = params.get(name) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{source}: {name}: expected a mapping")
-    bad = set(section) - set(keys)
-    if bad:
-        raise ConfigError(f"{source}: {name}.{sorted(bad)[0]}: unknown key (expected one of "
-                          f"{', '.join(keys)})")
-    return section
+def _without_auto(tree: dict) -> dict:
+    return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in tree.items() if v != AUTO}
 
 
-def eval_batch_size(params: dict, source: str = "params.yaml") -> int:
-    """``evaluate.batch_size`` of a parsed params.yaml (default 256), checked."""
-    size = _keyed_section(params, "evaluate", EVALUATE_KEYS, source).get("batch_size", 256)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"{source}: evaluate.batch_size={size!r}: expected a positive integer")
-    return size
-
-
-def register_model(params: dict, source: str = "params.yaml") -> bool:
-    """``evaluate.register_model`` of a parsed params.yaml, checked: whether a tracked pipeline run
-    registers its quantized model in MLflow's model registry. ``auto`` (the default): runs of the
-    ``paper`` profile only, so that quick and tiny runs (previews, tests) add no versions."""
-    flag = _keyed_section(params, "evaluate", EVALUATE_KEYS, source).get("register_model", AUTO)
-    if flag == AUTO:
-        return params.get("profile", "paper") == "paper"
-    if not isinstance(flag, bool):
-        raise ConfigError(f"{source}: evaluate.register_model={flag!r}: expected auto, true or false")
-    return flag
-
-
-def run_config(params: dict, source: str = "params.yaml") -> RunConfig:
-    """The RunConfig that ``params`` (a parsed params.yaml) describes; errors name the file and
-    the key. The ``evaluate`` section is checked here too (``eval_batch_size`` reads it)."""
-    eval_batch_size(params, source)
-    register_model(params, source)
-    names = {f.name for f in fields(RunConfig)}
-    for key in sorted(set(params) - names - set(PIPELINE_SECTIONS)):  # empty sections too
-        raise ConfigError(f"{source}: unknown config key {key!r} (expected one of "
-                          f"{', '.join(sorted(names | set(PIPELINE_SECTIONS)))})")
-    flat = leaves({k: v for k, v in params.items() if k not in PIPELINE_SECTIONS})
-    for key, why in NOT_IN_FILE.items():
-        if key in flat:
-            raise ConfigError(f"{source}: {key}: not a params.yaml key ({why})")
-    flat = {k: v for k, v in flat.items() if v != AUTO}
-    hints = get_type_hints(RunConfig)
-    first = {k: check_value(f"{source}: {k}", flat.pop(k), hints[k]) for k in FIRST if k in flat}
+def pipeline_config(params: dict, source: str = "params.yaml", device: str = "auto") -> PipelineConfig:
+    """The configuration ``params`` (a parsed params.yaml) describes, run on ``device``; errors
+    name the file and the key."""
     try:
-        cfg = RunConfig.for_profile(check_value("profile", flat.pop("profile", "paper"), str), **first)
-        return with_overrides(cfg, flat)
+        evaluate = build(EvaluateConfig, params.get("evaluate") or {}, "evaluate.")
+        tree = {k: v for k, v in params.items() if k != "evaluate"}
+        for key, why in NOT_IN_FILE.items():
+            if key in leaves(tree):
+                raise ConfigError(f"{key}: not a params.yaml key ({why})")
+        tree = _without_auto(tree)
+        profile = check_value("profile", tree.pop("profile", "paper"), str)
+        return PipelineConfig(RunConfig.for_profile(profile, overrides={**tree, "device": device}),
+                              evaluate)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
 
 
-def read_stage_params(params_file: str | Path, device: str) -> tuple[RunConfig, int]:
-    """The stage's RunConfig and evaluation batch size, from one read of the params file."""
-    params = load_params(params_file)
-    cfg = replace(run_config(params, str(params_file)), device=device)
-    return cfg, eval_batch_size(params, str(params_file))
-
-
-def stage_config(params_file: str | Path, device: str = "auto") -> RunConfig:
-    return read_stage_params(params_file, device)[0]
+def read_config(params_file: str | Path = "params.yaml", device: str = "auto") -> PipelineConfig:
+    """One read of the params file: the stage's whole configuration."""
+    return pipeline_config(load_params(params_file), str(params_file), device)

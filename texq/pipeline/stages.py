@@ -1,33 +1,47 @@
-"""The pipeline's stages (``dvc.yaml``): each reads ``params.yaml``, calls ``texq``, writes its outs.
+"""The pipeline's stages (``dvc.yaml``): each runs one step of a run (``texq.run.<step>``) in its
+own process, over ``out/pipeline`` laid out as a ``texq run`` folder (``texq.run.layout``).
 
     teacher    the full-precision model on the evaluation set        -> teacher.json
     synthesize step 1: calibration set and centers (ZeroQ: distilled) -> step1.pt
     train      steps 2-3: generator and quantized model             -> train/ (qmodel.pt, ...)
     evaluate   final-epoch top-1, per-class top-1, texture stats    -> metrics.json
 
-Each stage's results equal those of ``texq run`` with the same configuration: the same functions
-run in the same order with the same seeds. Outputs are written atomically; ``train`` checkpoints
-each epoch under ``<out>/.work/`` (not a DVC out) and a rerun after a kill resumes from there.
+The same step functions as ``texq run``, with the same seeds: the same results. Outputs are written
+atomically; ``train`` checkpoints each epoch under ``<out>/.work/`` (not a DVC out) and a rerun
+after a kill resumes from there.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
+from texq.pipeline.params import PipelineConfig
+from texq.run.layout import Layout
+from texq.run.model import float_model
+
 log = logging.getLogger("texq")
 STAGES = ("teacher", "synthesize", "train", "evaluate")
+SCORING = ("teacher", "evaluate")  # the steps that score images, at evaluate.batch_size
 
 
-def run_stage(name: str, params_file="params.yaml", out="out/pipeline", device: str = "auto",
+def run_stage(name: str, config: PipelineConfig, out: str | Path = "out/pipeline",
               progress: bool = True) -> dict:
-    """Run one stage by name (what ``texq stage NAME`` and the Prefect tasks call). Each stage is
-    the module ``texq.pipeline.<name>``, imported alone: it loads only the code its dvc.yaml deps
-    name (tests/test_dvc_deps.py)."""
-    if name not in STAGES:
+    """Run one stage by name (what ``texq stage NAME`` and the Prefect tasks call): the step
+    ``texq.run.<name>``, imported alone, so that a stage loads only the code its dvc.yaml deps
+    name (tests/pipeline/test_dvc_deps.py)."""
+    if name == "teacher":
+        from texq.run.teacher import step
+    elif name == "synthesize":
+        from texq.run.synthesize import step
+    elif name == "train":
+        from texq.run.train import step
+    elif name == "evaluate":
+        from texq.run.evaluate import step
+    else:
         raise ValueError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("stage %s: %s -> %s", name, params_file, out)
-    return importlib.import_module(f"texq.pipeline.{name}").run(params_file, out, device, progress)
+    layout = Layout(out)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    log.info("stage %s: texq.run.%s.step -> %s", name, name, layout.root)
+    extra = {"batch_size": config.evaluate.batch_size} if name in SCORING else {}
+    return step(config.run, float_model(config.run), layout, progress, **extra)

@@ -3,6 +3,7 @@
 from texq.quant.api import (
     FULL_PRECISION,
     QuantConfig,
+    QuantOptions,
     act_quantizers,
     calibrate,
     check_bits,
@@ -21,7 +22,7 @@ from texq.quant.functional import (
 from texq.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
 
 __all__ = [
-    "FULL_PRECISION", "QuantConfig", "act_quantizers", "calibrate", "check_bits",
+    "FULL_PRECISION", "QuantConfig", "QuantOptions", "act_quantizers", "calibrate", "check_bits",
     "quantizable_layers", "quantize", "set_observing", "unquantized_layers", "dequantize_eq2",
     "fake_quantize", "quantize_eq1", "reference_fake_quantize", "scale_and_zero_point", "ActQuantizer",
     "QuantConv2d", "QuantLinear", "WeightQuantizer",

@@ -10,15 +10,15 @@ other layers with weights stay in float, listed by ``unquantized_layers``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from texq.errors import ConfigError
 from texq.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+from texq.util.errors import ConfigError
 
 #: bit width meaning "not quantized" (full precision float32)
 FULL_PRECISION = 32
@@ -39,11 +39,10 @@ def check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """How to quantize a model (the paper's setting is the default: per-channel W, per-tensor A)."""
+class QuantOptions:
+    """How a model is quantized, its bit widths aside (a run's ``quant`` section: the bits are the
+    run's own ``w_bits`` / ``a_bits``)."""
 
-    w_bits: int = 4  # weight bit width, 2..8 (32 = keep float)
-    a_bits: int = 4  # activation bit width, 2..8 (32 = keep float)
     per_channel: bool = True  # one weight range per output channel (ZeroQ/GDFQ); False: per tensor
     integer_zero_point: bool = True  # round ZP as the lineage code does, so 0.0 is exact
     ste: str = "clipped"  # gradient 1 inside the range, 0 where clipped; 'identity': 1 everywhere
@@ -56,14 +55,28 @@ class QuantConfig:
     last_layer: str | None = None  # module name of the last layer; None: last in module order
 
     def __post_init__(self) -> None:
-        check_bits("w_bits", self.w_bits)
-        check_bits("a_bits", self.a_bits)
         check_bits("first_layer_bits", self.first_layer_bits, allow_none=True)
         check_bits("last_layer_bits", self.last_layer_bits, allow_none=True)
         if self.ste not in ("clipped", "identity"):
             raise ConfigError(f"ste={self.ste!r}: expected 'clipped' or 'identity'")
         if not 0.0 <= self.act_momentum < 1.0:
             raise ConfigError(f"act_momentum={self.act_momentum!r}: expected a value in [0, 1)")
+
+    def with_bits(self, w_bits: int, a_bits: int) -> "QuantConfig":
+        return QuantConfig(w_bits=w_bits, a_bits=a_bits, **asdict(self))
+
+
+@dataclass(frozen=True)
+class QuantConfig(QuantOptions):
+    """How to quantize a model (the paper's setting is the default: per-channel W, per-tensor A)."""
+
+    w_bits: int = 4  # weight bit width, 2..8 (32 = keep float)
+    a_bits: int = 4  # activation bit width, 2..8 (32 = keep float)
+
+    def __post_init__(self) -> None:
+        check_bits("w_bits", self.w_bits)
+        check_bits("a_bits", self.a_bits)
+        super().__post_init__()
 
     @property
     def is_full_precision(self) -> bool:

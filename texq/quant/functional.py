@@ -63,14 +63,8 @@ def _broadcast(v: Tensor, x: Tensor, axis: int | None) -> Tensor:
     return v.reshape(shape)
 
 
-def reference_fake_quantize(
-    x: Tensor,
-    x_min: Tensor,
-    x_max: Tensor,
-    bits: int,
-    axis: int | None = None,
-    integer_zero_point: bool = True,
-) -> Tensor:
+def reference_fake_quantize(x: Tensor, x_min: Tensor, x_max: Tensor, bits: int,
+                            axis: int | None = None, integer_zero_point: bool = True) -> Tensor:
     """Eq. 2 of Eq. 1, element by element as printed (no fusion, no gradient trick)."""
     scale, zp = scale_and_zero_point(x_min, x_max, bits, integer_zero_point)
     scale, zp = _broadcast(scale, x, axis), _broadcast(zp, x, axis)

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from texq.errors import ConfigError
 from texq.quant.functional import (
     StaticQParams,
     channel_min_max,
@@ -20,6 +19,7 @@ from texq.quant.functional import (
     static_qparams,
     tensor_min_max,
 )
+from texq.util.errors import ConfigError
 
 
 class WeightQuantizer(nn.Module):

@@ -1,0 +1,99 @@
+"""Helpers of the tests that start real servers and workers (test_flows.py, test_lab.py): free
+ports, waiting for a health URL, stopping process groups, and reading Prefect's view."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen | None, log: Path, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} not up after {seconds} s: {log.read_text()[-2000:]}")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGINT to each process group first (Prefect workers ignore SIGTERM for a long time), then
+    SIGKILL what is left after 20 s."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + 20
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def cli(env: dict, *args, cwd: Path = ROOT, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def prefect_logs(env: dict, flow_run_id: str) -> list[str]:
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/logs/filter", method="POST",
+                                 headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                  "limit": 200}).encode())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return [row["message"] for row in json.loads(r.read())]
+
+
+# What the Prefect server shows, read through its client in a fresh process (the test's own
+# process has no PREFECT_API_URL): flow runs (name, state, parent task run, parameters), task runs
+# by flow run, and the texq artifacts.
+PREFECT_VIEW = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+with get_client(sync_client=True) as c:
+    runs = c.read_flow_runs()
+    tasks = c.read_task_runs()
+    arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["texq-grid-results", "texq-result"])))
+print(json.dumps({
+    "runs": [{"id": str(r.id), "name": r.name, "state": r.state.name if r.state else None,
+              "type": r.state.type.value if r.state else None, "subflow": r.parent_task_run_id is not None,
+              "deployment": str(r.deployment_id), "parameters": r.parameters,
+              "message": r.state.message if r.state else None} for r in runs],
+    "tasks": [{"flow_run": str(t.flow_run_id), "name": t.name, "state": t.state.name if t.state else None}
+              for t in tasks],
+    "artifacts": [{"key": a.key, "flow_run": str(a.flow_run_id), "data": json.loads(a.data)} for a in arts]}))
+"""
+
+
+def prefect_view(env: dict) -> dict:
+    proc = cli(env, sys.executable, "-c", PREFECT_VIEW)
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,134 @@
+"""MLflow store conventions of flows/tracking.py that need no pipeline run."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                                 reason="the pipeline extra is not installed")]
+
+
+def test_a_copied_store_never_writes_artifacts_into_the_old_checkout(tmp_path, monkeypatch):
+    from flows.store import client, experiment_id
+    from texq.util.errors import ConfigError
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    (tmp_path / "a").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    c = client()
+    exp = c.get_experiment(experiment_id(c))
+    assert exp.artifact_location == (tmp_path / "a" / "mlartifacts").as_uri()
+    assert experiment_id(c) == exp.experiment_id  # found again, not recreated
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the project copied, its store with it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    c = client()
+    with pytest.raises(ConfigError, match=r"keeps its artifacts in .*/a/mlartifacts.*not beside this store"):
+        experiment_id(c)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "texq-b")  # the remedy the error names
+    fresh = c.get_experiment(experiment_id(c))
+    assert fresh.artifact_location == (tmp_path / "b" / "mlartifacts").as_uri()
+
+
+def _store(tmp_path, monkeypatch):
+    from flows.store import client
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client()
+
+
+def test_the_experiment_opens_on_its_runs_with_texq_columns(tmp_path, monkeypatch):
+    import json
+
+    from flows.store import VIEW_KEY, experiment_id, runs_view_url
+
+    c = _store(tmp_path, monkeypatch)
+    exp = c.get_experiment(experiment_id(c))
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
+    assert view["selectedColumns"][0] == "metrics.`top1`" and view["orderByKey"] == "metrics.`top1`"
+    assert runs_view_url(exp.experiment_id) is None  # a local store has no server to link
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000/")
+    assert runs_view_url("7") == ("http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=texq"
+                                  "&workflowType=machine_learning")
+
+
+def test_a_stopped_stage_ends_killed_an_error_failed_and_a_flow_run_s_leftovers_end_as_told(
+        tiny_params, tmp_path, monkeypatch):
+    from flows.store import experiment_id
+    from flows.tracking import Terminated, end_flow_run_runs, end_state, tracked_stage
+    from texq.pipeline import read_config
+
+    assert [end_state(e) for e in (Terminated(), KeyboardInterrupt(), ValueError(), SystemExit(1))] == [
+        "KILLED", "KILLED", "FAILED", "FAILED"]
+    c = _store(tmp_path, monkeypatch)
+    cfg = read_config(tiny_params, "cpu").run
+    ids = {}
+    for exc, flow in ((Terminated("SIGTERM"), "f1"), (ValueError("bad"), "f2")):
+        with pytest.raises(type(exc)):
+            with tracked_stage("train", tiny_params, tmp_path, cfg, flow_run_id=flow) as run_id:
+                ids[flow] = run_id
+                raise exc
+    assert c.get_run(ids["f1"]).info.status == "KILLED" and c.get_run(ids["f2"]).info.status == "FAILED"
+    exp = experiment_id(c)
+    left = [c.create_run(exp, tags={"prefect_flow_run_id": "f3"}).info.run_id for _ in range(2)]
+    done = c.create_run(exp, tags={"prefect_flow_run_id": "f3"}).info.run_id
+    c.set_terminated(done, "FINISHED")
+    other = c.create_run(exp, tags={"prefect_flow_run_id": "f4"}).info.run_id
+    assert sorted(end_flow_run_runs("f3", "KILLED")) == sorted(left)
+    assert [c.get_run(r).info.status for r in (*left, done, other)] == ["KILLED", "KILLED", "FINISHED", "RUNNING"]
+    assert end_flow_run_runs("", "FAILED") == []  # no flow run: nothing to end
+
+
+def test_a_registered_version_describes_the_run_in_its_tags():
+    from flows.logged_model import version_description, version_tags
+    from texq.run.config import RunConfig
+
+    cfg = RunConfig.for_profile("quick", pretrained=True, w_bits=3, a_bits=3, seed=2)
+    scores = {"top1": 86.4, "top1_ci95": [84.13, 88.39], "fp_top1": 91.5, "n": 1000, "data": "cifar10-test1000"}
+    tags = version_tags(cfg, scores)
+    assert tags == {"top1": "86.40", "top1_ci95": "84.13-88.39", "fp_top1": "91.50", "n": "1000",
+                    "data": "cifar10-test1000", "method": "texq", "w_bits": "3", "a_bits": "3", "seed": "2",
+                    "profile": "quick"}
+    assert version_description(cfg, scores) == (
+        "texq W3A3, seed 2, quick profile: top-1 86.40 (95% interval 84.13-88.39; full precision 91.50) "
+        "on cifar10-test1000, n = 1000, final-epoch model")
+
+
+def test_sigterm_stops_a_stage_process_and_its_run_ends_killed(tiny_params, tmp_path):
+    """What Prefect's cancellation does to a stage: SIGTERM to its process group."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    params = yaml.safe_load(tiny_params.read_text())
+    params["finetune"]["epochs"] = 500  # long enough to be inside an epoch when stopped
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "out"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    subprocess.run([sys.executable, "-m", "flows.stage", "synthesize", "--params", str(tmp_path / "params.yaml"),
+                    "--out", str(out), "--device", "cpu", "--no-progress"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.stage", "train", "--params", str(tmp_path / "params.yaml"),
+                             "--out", str(out), "--device", "cpu"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    for line in proc.stderr:  # the stage's progress: stop it once its epochs run
+        if line.startswith("epoch ") or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal SIGTERM" in err
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = c.search_runs([c.get_experiment_by_name("texq").experiment_id])
+    assert run.info.status == "KILLED" and run.info.end_time

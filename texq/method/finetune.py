@@ -1,0 +1,326 @@
+"""Steps 2 and 3 (sections 3.3.2-3.3.3): train the generator G (Eq. 12) and fine-tune the
+quantized model Q (Eq. 13-14), epoch by epoch, with a state that checkpoints and resumes.
+
+Per iteration: G draws a batch with uniform random labels; F (frozen, eval mode) scores it and
+G takes a step on ``CE + a3 L_BNS + a4 L_L-BNS + a5 L_D-BNS``. After G's warm-up epochs, Q takes a
+step on ``CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix))`` over the generated batch plus calibration
+images, where x_mix mixes samples only (Eq. 9). Q stays in eval mode (BatchNorm uses its running
+statistics, its affine parameters learn), as in GDFQ; its activation ranges follow its inputs during
+``act_calib_epochs`` epochs of G's warm-up (the first ones, or the last with ``act_calib_at='end'``;
+G's samples, or Q's whole training batch with ``act_calib_inputs='batch'``), then freeze.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from texq.method.augment import random_resized_crop_flip
+from texq.method.bns import (
+    BNStatsCollector,
+    LayerStats,
+    bns_loss,
+    concat,
+    distort,
+    layer_weights,
+)
+from texq.method.generator import Generator, GeneratorConfig
+from texq.method.kd import KD_REDUCTIONS, kd_loss
+from texq.method.mixup import mixup_samples
+from texq.models import get_info
+from texq.quant import act_quantizers, set_observing
+from texq.util.errors import ConfigError
+from texq.util.graphs import GraphedStep, module_state
+
+ACT_CALIB_AT = ("start", "end")  # the first / the last act_calib_epochs epochs of the warm-up
+ACT_CALIB_INPUTS = ("generated", "batch")  # G's samples / Q's batch (G's + calibration images)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Step 3: the quantized model Q trained with Eq. 14 while G keeps learning."""
+
+    warmup_epochs: int = 50  # G alone first (paper)
+    epochs: int = 450  # then G and Q together (paper)
+    iters_per_epoch: int = 200  # not in the paper; its lineage's value
+    batch_size: int = 128  # generated samples per step: 128 CIFAR, 16 ImageNet (paper)
+    lr: float = 1e-4  # Q's SGD (nesterov, momentum 0.9) learning rate, CIFAR value of GDFQ/IntraQ
+    weight_decay: float = 1e-4  # GDFQ's
+    alpha6: float = 20.0  # weight of the distillation loss, Eq. 14 (paper)
+    kd_temperature: float = 20.0  # softmax temperature of the KL term (lineage: T = 20, x T^2)
+    kd_reduction: str = "mean"  # KL averaged over batch x classes, as the lineage's nn.KLDivLoss()
+    mixup_p: float = 0.2  # probability that a sample is mixed, Eq. 9 (paper)
+    act_calib_epochs: int = 4  # activation ranges follow Q's inputs for this many warm-up epochs, then freeze
+    act_calib_at: str = "start"  # which warm-up epochs observe: the first (GDFQ's rule) or the last
+    act_calib_inputs: str = "generated"  # observe G's samples (GDFQ) or Q's training batch ("batch")
+    calib_per_batch: int = 16  # calibration images added to each batch (FDDA uses 16)
+    calib_augment: bool = True  # random resized crop + flip of calibration images (FDDA)
+    calib_crop_scale: tuple[float, float] = (0.5, 1.0)  # crop area range: IntraQ's 0.5 for 32x32
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.act_calib_epochs <= self.warmup_epochs:
+            raise ConfigError(f"finetune.act_calib_epochs={self.act_calib_epochs} with warmup_epochs="
+                              f"{self.warmup_epochs}: expected 1 <= act_calib_epochs <= warmup_epochs "
+                              f"(ranges are observed during the warm-up; Q must train on frozen "
+                              f"activation ranges, which its CUDA graph bakes in)")
+        if self.kd_reduction not in KD_REDUCTIONS:
+            raise ConfigError(f"finetune.kd_reduction={self.kd_reduction!r}: expected one of "
+                              f"{', '.join(KD_REDUCTIONS)}")
+        if self.act_calib_at not in ACT_CALIB_AT:
+            raise ConfigError(f"finetune.act_calib_at={self.act_calib_at!r}: expected one of "
+                              f"{', '.join(ACT_CALIB_AT)}")
+        if self.act_calib_inputs not in ACT_CALIB_INPUTS:
+            raise ConfigError(f"finetune.act_calib_inputs={self.act_calib_inputs!r}: expected one of "
+                              f"{', '.join(ACT_CALIB_INPUTS)}")
+
+    def observes(self, epoch: int) -> bool:
+        """Whether activation ranges are observed in ``epoch`` (0-based; always a warm-up epoch)."""
+        first = self.first_observed_epoch()
+        return first <= epoch < first + self.act_calib_epochs
+
+    def first_observed_epoch(self) -> int:
+        return 0 if self.act_calib_at == "start" else self.warmup_epochs - self.act_calib_epochs
+
+
+#: every term a history row can hold, as MLflow, DVC's plot and history.jsonl name them: G's
+#: Eq. 12 terms (CE, BNS against F's running statistics, the centers' layered and distorted BNS),
+#: then Q's Eq. 13-14 terms (CE on labelled samples, KD) and the mixed samples per step (Eq. 9)
+HISTORY_TERMS = ("generator/ce_loss", "generator/bns_loss", "generator/layered_bns_loss",
+                 "generator/distorted_bns_loss", "quantized/ce_loss", "quantized/kd_loss",
+                 "quantized/mixed_per_step")
+
+
+def _short(term: str) -> str:
+    """A history term as the progress line shows it: ``generator/ce_loss`` -> ``G.ce``."""
+    return term.replace("generator/", "G.").replace("quantized/", "Q.").removesuffix("_loss")
+
+
+@dataclass
+class Sources:
+    """Where Q's training images come from: G, a calibration set, and/or real batches."""
+
+    generator: Generator | None = None
+    calib_images: Tensor | None = None
+    calib_labels: Tensor | None = None
+    centers: list[LayerStats] | None = None  # per-class (K, C) centers; None: no center losses
+    real: object | None = None  # an iterator of (images, labels) batches, method 'real'
+
+
+class Finetuner:
+    """Holds F, Q, G and their optimisers; ``run_epoch`` trains one epoch.
+
+    Each step's forward and backward pass is a function free of host syncs and of data-dependent
+    shapes; on CUDA it is replayed as a CUDA graph (``cuda_graphs``, texq.util.graphs) and the
+    optimizer steps run eagerly. Loss terms are summed on the device and read once per epoch.
+    """
+
+    def __init__(self, fp: nn.Module, qmodel: nn.Module, sources: Sources, gcfg: GeneratorConfig,
+                 fcfg: FinetuneConfig, mkd: bool, device: torch.device, bns_norm: str = "mse",
+                 cuda_graphs: bool = True, rehearse: bool = False, fixed_shapes: bool | None = None):
+        """Note: F's parameters are frozen (``requires_grad=False``) for good. ``rehearse``
+        (tests): run the graphs' warm-up and restore on any device, without capturing.
+        ``fixed_shapes`` (default: when steps are captured) selects Q's fixed-shape batch."""
+        self.fp, self.q, self.src, self.gcfg, self.fcfg, self.mkd = fp, qmodel, sources, gcfg, fcfg, mkd
+        self.bns_norm = bns_norm
+        self.device = torch.device(device)
+        self.calib_images = None if sources.calib_images is None else sources.calib_images.to(self.device)
+        self.calib_labels = None if sources.calib_labels is None else sources.calib_labels.to(self.device)
+        for p in fp.parameters():
+            p.requires_grad_(False)
+        fp.eval()
+        self.q.eval()  # BN on running statistics, as GDFQ fine-tunes
+        # foreach: a few multi-tensor ops per step on every device (PyTorch's CUDA default)
+        self.opt_q = torch.optim.SGD(self.q.parameters(), lr=fcfg.lr, momentum=0.9, nesterov=True,
+                                     weight_decay=fcfg.weight_decay, foreach=True)
+        self.sched_q = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt_q, T_max=max(1, fcfg.epochs * fcfg.iters_per_epoch))
+        g = sources.generator
+        if g is not None:
+            g.to(self.device).train()
+            self.opt_g = torch.optim.Adam(g.parameters(), lr=gcfg.lr, betas=(gcfg.beta1, gcfg.beta2),
+                                          foreach=True)
+            self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, gcfg.lr_step_epochs,
+                                                           gcfg.lr_gamma)
+        self.bns = BNStatsCollector(fp)
+        self.running = concat(self.bns.running())  # F is frozen: its running statistics are constant
+        self.centers = None if sources.centers is None else concat(
+            [LayerStats(c.mean.to(self.device), c.var.to(self.device)) for c in sources.centers])
+        self.num_classes = get_info(fp).num_classes
+        self.center_weights = layer_weights(len(self.bns.layers), gcfg.shallow_weight, gcfg.deep_weight)
+        self.total_epochs = fcfg.warmup_epochs + fcfg.epochs
+        self.use_centers = sources.centers is not None and bool(gcfg.alpha4 or gcfg.alpha5)
+        self.g_terms = list(HISTORY_TERMS[:2] + (HISTORY_TERMS[2:4] if self.use_centers else ())
+                            if g is not None else ())
+        self.q_terms = list(HISTORY_TERMS[4:])
+        state = module_state(g, qmodel)
+        self._g_step = (GraphedStep(self._generator_pass, self.device, list(g.parameters()), state,
+                                    cuda_graphs, rehearse=rehearse) if g is not None else None)
+        # Q's graph bakes in its activation quantizers' mode and frozen ranges: a change recaptures
+        self._q_step = GraphedStep(self._quant_pass, self.device, list(qmodel.parameters()), state,
+                                   cuda_graphs, rehearse=rehearse, key=lambda: [
+                                       (a.observing, a._frozen) for a in act_quantizers(qmodel)])
+        self.fixed_shapes = self._q_step.capture if fixed_shapes is None else fixed_shapes
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = {"q": self.q.state_dict(), "opt_q": self.opt_q.state_dict(),
+                 "sched_q": self.sched_q.state_dict()}
+        if self.src.generator is not None:
+            state.update(g=self.src.generator.state_dict(), opt_g=self.opt_g.state_dict(),
+                         sched_g=self.sched_g.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for step in (self._g_step, self._q_step):
+            if step is not None:
+                step.reset()  # captured before the load: capture again
+        self.q.load_state_dict(state["q"])
+        self.opt_q.load_state_dict(state["opt_q"])
+        self.sched_q.load_state_dict(state["sched_q"])
+        if self.src.generator is not None:
+            self.src.generator.load_state_dict(state["g"])
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.sched_g.load_state_dict(state["sched_g"])
+
+    # ------------------------------------------------------------------------------ losses
+    def generator_loss(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eq. 12 on a fresh batch of G: (loss, images, labels, the terms as a (T,) tensor in
+        ``g_terms`` order). ``CE + a3 L_BNS (batch vs F's running stats) + a4 L_L-BNS (per class
+        vs its center, Eq. 8) + a5 L_D-BNS (per class vs its distorted center, Eq. 11)``."""
+        g, cfg = self.src.generator, self.gcfg
+        x, y = g.sample(self.fcfg.batch_size, self.device)
+        with self.bns:
+            self.bns.set_groups(y, self.num_classes)
+            logits = self.fp(x)
+        grouped = self.bns.stats_all()  # every BN layer side by side, per class
+        l_ce = F.cross_entropy(logits, y)
+        l_bns = bns_loss(grouped.pooled(), self.running, norm=self.bns_norm)
+        loss = l_ce + cfg.alpha3 * l_bns
+        terms = [l_ce, l_bns]
+        if self.use_centers:
+            stats = grouped.of_groups()  # classes absent from the batch are left out
+            centers = self.centers
+            l_lbns = bns_loss(stats, centers, self.center_weights, self.bns_norm)
+            l_dbns = bns_loss(stats, distort(centers, cfg.nu_mu, cfg.nu_sigma), self.center_weights,
+                              self.bns_norm)
+            loss = loss + cfg.alpha4 * l_lbns + cfg.alpha5 * l_dbns
+            terms += [l_lbns, l_dbns]
+        return loss, x, y, torch.stack(terms).detach()
+
+    def quant_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. 14 over ``x`` plus calibration images: (loss, terms in ``q_terms`` order).
+
+        ``CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix))``; an unmixed sample is its own mix (Eq. 9),
+        and Q runs in eval mode with frozen ranges, so samples do not interact. With
+        ``fixed_shapes`` (what a CUDA graph needs) Q scores the n samples and all n mixes;
+        otherwise the n samples and only the m mixed ones, the unmixed ones reusing the CE pass
+        (cheaper where nothing is captured; the same draws and the same maths). Without MKD the
+        KD term is on x itself."""
+        extra = self._calib_batch()
+        if extra is not None:
+            x, y = torch.cat([x, extra[0]]), torch.cat([y, extra[1]])
+        n = len(x)
+        if self.mkd and self.fixed_shapes:
+            x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
+            out = self.q(torch.cat([x, x_mix]))
+            student, kd_in = out[n:], x_mix
+        elif self.mkd:
+            x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
+            out = self.q(torch.cat([x, x_mix[mixed]]))
+            student = out[:n].clone()
+            student[mixed] = out[n:]
+            kd_in = x_mix
+        else:
+            out = self.q(x)
+            mixed = torch.zeros(n, dtype=torch.bool, device=x.device)
+            student, kd_in = out, x
+        with torch.no_grad():
+            teacher = self.fp(kd_in)
+        l_ce = F.cross_entropy(out[:n], y)
+        l_kd = kd_loss(student, teacher, self.fcfg.kd_temperature, self.fcfg.kd_reduction)
+        loss = l_ce + self.fcfg.alpha6 * l_kd
+        return loss, torch.stack([l_ce, l_kd, mixed.sum().to(l_ce.dtype)]).detach()
+
+    def _calib_batch(self) -> tuple[Tensor, Tensor] | None:
+        """``calib_per_batch`` calibration images drawn without replacement (on the device),
+        randomly resized-cropped and flipped when ``calib_augment``."""
+        imgs = self.calib_images
+        if imgs is None or self.fcfg.calib_per_batch <= 0:
+            return None
+        n = min(self.fcfg.calib_per_batch, len(imgs))
+        idx = torch.rand(len(imgs), device=imgs.device).argsort()[:n]
+        x = imgs[idx]
+        if self.fcfg.calib_augment:
+            x = random_resized_crop_flip(x, self.fcfg.calib_crop_scale)
+        return x, self.calib_labels[idx]
+
+    # ------------------------------------------------------------------------------ steps
+    def _generator_pass(self) -> tuple[Tensor, Tensor, Tensor]:
+        loss, x, y, terms = self.generator_loss()
+        loss.backward()
+        return x.detach(), y, terms
+
+    def _quant_pass(self, x: Tensor, y: Tensor) -> Tensor:
+        loss, terms = self.quant_loss(x, y)
+        loss.backward()
+        return terms
+
+    def generator_step(self) -> tuple[Tensor, Tensor, Tensor]:
+        """One step of G on Eq. 12; returns the (detached) batch, its labels and the terms."""
+        x, y, terms = self._g_step()
+        self.opt_g.step()
+        return x, y, terms
+
+    def quant_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One step of Q on Eq. 14 over ``x`` plus calibration images; returns the terms."""
+        terms = self._q_step(x, y)
+        self.opt_q.step()
+        self.sched_q.step()
+        return terms
+
+    @torch.no_grad()
+    def observe_step(self, x: Tensor) -> None:
+        """Q's forward pass on ``x`` (G's batch), plus a calibration batch drawn and augmented as
+        for training when ``act_calib_inputs`` is 'batch': activation ranges see those inputs."""
+        if self.fcfg.act_calib_inputs == "batch":
+            extra = self._calib_batch()
+            if extra is not None:
+                x = torch.cat([x, extra[0]])
+        self.q(x)
+
+    def run_epoch(self, epoch: int, bar=None) -> dict:
+        """Train one epoch (0-based); returns the mean of each loss term (read from the device
+        once, at the end of the epoch)."""
+        cfg = self.fcfg
+        observing = cfg.observes(epoch)
+        training_q = epoch >= cfg.warmup_epochs
+        set_observing(self.q, observing, reset=(epoch == cfg.first_observed_epoch()))
+        names = self.g_terms + (self.q_terms if training_q else [])
+        sums = torch.zeros(len(names), device=self.device)
+        for _ in range(cfg.iters_per_epoch):
+            parts = []
+            if self.src.generator is not None:
+                x, y, g_terms = self.generator_step()
+                parts.append(g_terms)
+            else:
+                x, y = next(self.src.real)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if training_q:
+                parts.append(self.quant_step(x, y))
+            elif observing:
+                self.observe_step(x)
+            if parts:
+                sums += torch.cat(parts)
+            if bar is not None:
+                bar.update(1)
+        set_observing(self.q, False)
+        if self.src.generator is not None:
+            self.sched_g.step()
+        means = dict(zip(names, (sums / cfg.iters_per_epoch).tolist()))
+        if bar is not None and means:
+            bar.set_postfix({_short(k): f"{v:.3g}" for k, v in means.items() if k != HISTORY_TERMS[-1]})
+        return {"epoch": epoch, "phase": "joint" if training_q else "warmup",
+                "quantized/lr": self.opt_q.param_groups[0]["lr"], **means}

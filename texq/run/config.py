@@ -1,0 +1,163 @@
+"""A run's configuration: ``RunConfig`` composes the method's configs (each defined beside what it
+computes: ``texq.method.calibration``, ``.generator``, ``.finetune``, ``.distill``, and the
+quantizer's ``texq.quant.QuantOptions``) under the run's own settings, and the profiles.
+
+Defaults are the paper's values (section 4.1 and 4.3) where it gives them; the rest follow the code
+the paper was built on (GDFQ / IntraQ / FDDA) -- see docs/interpretation.md. A profile changes
+schedules, batch sizes and learning rates (docs/interpretation.md, "Profiles"), never which losses
+are used; the quick profile also averages the KD term per sample (10x the lineage's scale on
+CIFAR-10), the setting it was tuned and measured with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+from texq.method.calibration import CalibrationConfig
+from texq.method.distill import DistillConfig
+from texq.method.finetune import FinetuneConfig
+from texq.method.generator import GeneratorConfig
+from texq.models import ModelInfo, check_weights, model_info
+from texq.quant import QuantConfig, QuantOptions, check_bits
+from texq.run.methods import METHOD_SPECS, METHODS, check_switches
+from texq.util.errors import ConfigError
+from texq.util.keys import build, check_value, merge, nest
+
+PROFILES = ("paper", "quick", "tiny")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; ``RunConfig.for_profile`` fills the method's configs. The values a
+    run's method always uses (GDFQ's generator weights and plain KD: ``texq.run.methods``) replace
+    those given, so that a config holds the settings in effect."""
+
+    # registry name, 'module:callable' factory, or the ModelInfo name of a module given to texq.run
+    model: str = "resnet20_cifar10"
+    checkpoint: str | None = None  # weights of the full-precision model
+    pretrained: bool = False  # or the published weights (registry models)
+    data: str = "cifar10"  # evaluation set (test images: final score only)
+    train_data: str | None = None  # real training images, method 'real' only
+    method: str = "texq"  # texq | gdfq | zeroq | real
+    profile: str = "paper"  # paper | quick | tiny
+    w_bits: int = 4  # weight bits
+    a_bits: int = 4  # activation bits
+    seed: int = 0  # seeds every random draw of the run
+    device: str = "auto"  # auto | cpu | cuda
+    laws: bool = True  # Table 3 switch: L_LAWS^C in step 1
+    layered_bns: bool = True  # Table 3 switch: L_L-BNS^C (else the plain Eq. 3) in step 1
+    mkd: bool = True  # Table 3 switch: mixup knowledge distillation (else plain KD)
+    bns_norm: str = "mse"  # BNS distance: the lineage's mean square ('mse') or Eq. 3's L2 ('l2')
+    channels_last: bool | str = "auto"  # NHWC convolutions (speed only, same maths); auto: where faster (texq.util.device)
+    cuda_graphs: bool = True  # on CUDA, replay each training step as one CUDA graph: speed only, same maths
+    tf32: bool = False  # TF32 CUDA convolutions: faster, 10-bit-mantissa products (off: float32)
+    quant: QuantOptions = field(default_factory=QuantOptions)  # quantizer options; the bits are above
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"profile={self.profile!r}: expected one of {', '.join(PROFILES)}")
+        if METHOD_SPECS[self.method].real_images and not self.train_data:
+            raise ConfigError(f"method {self.method!r} needs train_data (real training images)")
+        if self.train_data and _same_data(self.train_data, self.data):
+            raise ConfigError(f"train_data={self.train_data!r} names the evaluation images "
+                              f"(data={self.data!r}): test images are for the final score only")
+        check_weights(self.model, self.pretrained, self.checkpoint)
+        if self.channels_last not in (True, False, "auto"):
+            raise ConfigError(f"channels_last={self.channels_last!r}: expected true, false or auto")
+        if self.bns_norm not in ("mse", "l2"):
+            raise ConfigError(f"bns_norm={self.bns_norm!r}: expected 'mse' or 'l2'")
+        check_switches(self)
+        for key, value in METHOD_SPECS[self.method].fixed.items():  # what the method always uses
+            section, _, name = key.rpartition(".")
+            if section:
+                object.__setattr__(self, section, replace(getattr(self, section), **{name: value}))
+            else:
+                object.__setattr__(self, name, value)
+        check_bits("w_bits", self.w_bits)
+        check_bits("a_bits", self.a_bits)
+
+    def quant_config(self) -> QuantConfig:
+        """The quantizer's configuration: the ``quant`` options at the run's bit widths."""
+        return self.quant.with_bits(self.w_bits, self.a_bits)
+
+    @classmethod
+    def for_profile(cls, profile: str = "paper", info: ModelInfo | None = None,
+                    overrides: Mapping[str, object] | None = None, **kwargs) -> "RunConfig":
+        """A config whose method settings are those of ``profile`` for the model ``info`` describes
+        (default: the info of ``model``, from the registry, or from the model a factory spec
+        builds); ``kwargs`` (top-level keys) and ``overrides`` (dotted keys or sections:
+        ``{'finetune.alpha6': 10}``) override them, each checked against its annotated type. A
+        module of one's own gives ``info=module.texq_info``: ``model`` then defaults to its
+        factory, else its name."""
+        if profile not in PROFILES:
+            raise ConfigError(f"profile={profile!r}: expected one of {', '.join(PROFILES)}")
+        given = merge(nest(kwargs), nest(overrides or {}))
+        if info is None:
+            info = model_info(check_value("model", given.get("model", cls.model), str))
+        given.setdefault("model", info.factory or info.name)
+        return build(cls, merge(profile_settings(profile, info), {"profile": profile}, given))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data specs name the same files (a named set's train split differs from data)."""
+    from texq.data.sets import TORCHVISION_SETS
+
+    if a in TORCHVISION_SETS or b in TORCHVISION_SETS:
+        return False  # a named set's training split is read for train_data, its test split for data
+    return Path(a).resolve() == Path(b).resolve()
+
+
+PROFILE_SETTINGS: dict[str, dict] = {
+    "paper": {},
+    # finishes on a 2-core CPU in under 15 minutes for ResNet-20 (same losses, shorter schedules)
+    # (chosen on the JPEG dev set only; see docs/interpretation.md, "Profiles")
+    "quick": {
+        "calibration": {"iters": 500, "warmup_iters": 50},
+        "generator": {"lr_step_epochs": 10_000},
+        # KL per sample ('batchmean'): 10x the lineage's scale on CIFAR-10, as the quick settings
+        # were chosen and measured (see docs/interpretation.md, "Profiles")
+        "finetune": {"warmup_epochs": 2, "epochs": 8, "iters_per_epoch": 100, "batch_size": 64,
+                     "act_calib_epochs": 1, "lr": 1e-5, "kd_reduction": "batchmean"},
+        "distill": {"iters": 200},
+    },
+    # seconds, for tests and pipeline checks: not for results
+    "tiny": {
+        "calibration": {"iters": 6, "warmup_iters": 2},
+        "finetune": {"warmup_epochs": 1, "epochs": 2, "iters_per_epoch": 2, "batch_size": 16,
+                     "act_calib_epochs": 1, "calib_per_batch": 4},
+        "distill": {"num_images": 16, "iters": 3, "batch_size": 16},
+    },
+}
+
+
+def profile_settings(profile: str, info: ModelInfo) -> dict:
+    """The settings ``profile`` gives a model that ``info`` describes, as nested sections."""
+    tree = PROFILE_SETTINGS[profile]
+    if info.num_classes > 100:
+        # e.g. ImageNet's 1000 classes: step 1 in chunks of 100 (same result, ~1/10 memory)
+        tree = merge(tree, {"calibration": {"classes_per_step": 100}})
+    if profile == "paper" and info.imagenet_scale:
+        # the paper's ImageNet batch; the lineage's (FDDA) ImageNet learning rate of Q
+        tree = merge(tree, {"finetune": {"batch_size": 16, "lr": 1e-6}})
+    return tree
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """What identifies a run's results (the device and the speed-only settings do not)."""
+    d = cfg.to_dict()
+    for speed_only in ("device", "cuda_graphs", "channels_last"):  # same maths either way
+        d.pop(speed_only)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
