@@ -22,10 +22,14 @@ def cmd_compare(args: argparse.Namespace) -> dict:
         from flows.compare import compare
     except ImportError as exc:
         raise TexqError(f"texq compare needs the pipeline extra (pip install -e '.[pipeline]'): {exc}")
+    from flows.store import unreadable_store
+
     try:
         table, md = compare(args.experiment, args.out, tuple(args.by or ()))
     except LookupError as exc:
         raise TexqError(str(exc)) from exc
+    except Exception as exc:
+        raise unreadable_store(exc) or exc
     print(md)
     rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
     return {"command": "compare", "experiment": args.experiment, "rows": len(table), "table": rows}

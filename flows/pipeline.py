@@ -60,7 +60,7 @@ def _end_mlflow_runs(status: str):
     def hook(flow, run, state) -> None:
         from prefect.logging.loggers import flow_run_logger
 
-        ended = tracking.end_flow_run_runs(str(run.id), status)
+        ended = tracking.end_flow_run_runs(str(run.id), status, state.name)
         if ended:
             flow_run_logger(run, flow).info("MLflow runs %s ended %s (Prefect: %s)", ", ".join(ended),
                                             status, state.name)

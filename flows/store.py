@@ -38,6 +38,20 @@ def tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def unreadable_store(exc: Exception):
+    """A TexqError naming the tracking URI, for an error of the store itself (a server that does
+    not answer, a file that is not an MLflow database); None for anything else."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from texq.util.errors import TexqError
+
+    if not isinstance(exc, (MlflowException, SQLAlchemyError)):
+        return None
+    text = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    return TexqError(f"the MLflow store at {tracking_uri()} cannot be read: {text[:300]}")
+
+
 def client():
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient

@@ -23,6 +23,7 @@ from flows.logged_model import log_quantized_model
 from flows.store import client, experiment_id, experiment_name, safe_name
 
 KEY_TAG = "texq.pipeline_key"
+FLOW_END_TAG = "texq.flow_run_end"  # the Prefect state that ended a flow run's MLflow runs
 TRAINED_TAG = "texq.trained_fingerprint"
 METRICS_TAG = "texq.metrics_sha256"  # which metrics.json a run logged (a restored stage finds it)
 RUN_NAME_ENV = "TEXQ_RUN_NAME"  # a grid child's name: its combination (flows.pipeline)
@@ -85,6 +86,11 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
                           max_results=1)
     if found:
         return found[0].info.run_id
+    if flow_run_id:  # a stage of a flow run already ended (its process died) opens no new run
+        runs = c.search_runs([exp], f"tags.`prefect_flow_run_id` = '{flow_run_id}'", max_results=100)
+        ended = [r.data.tags[FLOW_END_TAG] for r in runs if FLOW_END_TAG in r.data.tags]
+        if ended:
+            raise Orphaned(f"its Prefect flow run {flow_run_id} ended {ended[0]}: not recording into it")
     # mlflow.source.*: the runs table's Source column and the run page's commit, as MLflow shows them
     tags = {KEY_TAG: key, "mlflow.source.git.commit": git_commit(), "mlflow.source.type": "LOCAL",
             "mlflow.source.name": f"texq pipeline ({Path(params_file).name})",
@@ -170,8 +176,9 @@ def _log_metrics(c, run_id: str, metrics: list) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    from texq.util.io import file_digest
+
+    return file_digest(path)
 
 
 def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
@@ -196,9 +203,16 @@ class Terminated(BaseException):
     or host shutting down); its run ends KILLED, not FAILED."""
 
 
+class Orphaned(Terminated):
+    """The stage's flow run is over (its process died: Prefect calls it Crashed); the stage stops
+    and its run ends FAILED, as the flow run's own runs do."""
+
+
 def end_state(exc: BaseException) -> str:
     """The MLflow status a run ends in when its stage raised ``exc``: KILLED when the stage was
-    stopped from outside (SIGTERM, Ctrl-C), FAILED for an error."""
+    stopped from outside (SIGTERM, Ctrl-C), FAILED for an error or a flow run that died."""
+    if isinstance(exc, Orphaned):
+        return "FAILED"
     return "KILLED" if isinstance(exc, (Terminated, KeyboardInterrupt)) else "FAILED"
 
 
@@ -237,10 +251,11 @@ def result_run_id(flow_run_id: str, metrics: Path) -> str | None:
     return None
 
 
-def end_flow_run_runs(flow_run_id: str, status: str) -> list[str]:
+def end_flow_run_runs(flow_run_id: str, status: str, state: str = "") -> list[str]:
     """End every MLflow run still RUNNING that a Prefect flow run opened (its pipeline run, or a
     grid's parent run) with ``status`` (KILLED for a cancelled flow run, FAILED for a crashed one):
-    the state Prefect gave it. Returns the run ids ended."""
+    the state Prefect gave it, ``state``, is tagged, so that a stage process that outlived its
+    flow run opens no new run (:func:`find_or_create_run`). Returns the run ids ended."""
     c = client()
     exp = c.get_experiment_by_name(experiment_name())
     if exp is None or not flow_run_id:
@@ -248,6 +263,7 @@ def end_flow_run_runs(flow_run_id: str, status: str) -> list[str]:
     runs = c.search_runs([exp.experiment_id], f"tags.`prefect_flow_run_id` = '{flow_run_id}' "
                          "and attributes.status = 'RUNNING'", max_results=1000)
     for run in runs:
+        c.set_tag(run.info.run_id, FLOW_END_TAG, state or status)
         c.set_terminated(run.info.run_id, status)
     return [r.info.run_id for r in runs]
 

@@ -116,7 +116,7 @@ def remote() -> str | None:
 def stage_env(device: str = "auto", parent_run_id: str = "", flow_run_id: str = "",
               run_name: str = "") -> dict[str, str]:
     """The environment of a stage's process: this one's, plus where and under which MLflow run
-    it records and its name (``flows.stage`` reads these), this interpreter's environment first
+    it records, its name and this process's id (``flows.stage`` reads these), this interpreter's environment first
     on ``PATH`` (dvc.yaml's ``python``) and the project on ``PYTHONPATH``."""
     from flows.store import tracking_uri
     from flows.tracking import RUN_NAME_ENV
@@ -124,7 +124,10 @@ def stage_env(device: str = "auto", parent_run_id: str = "", flow_run_id: str = 
     def joined(first: str, var: str) -> str:
         return os.pathsep.join(p for p in (first, os.environ.get(var, "")) if p)
 
+    from flows.stage import FLOW_PID_ENV
+
     return dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri(), TEXQ_DEVICE=device,
+                **{FLOW_PID_ENV: str(os.getpid())},  # the stage stops if this process dies
                 TEXQ_PARENT_RUN_ID=parent_run_id, TEXQ_FLOW_RUN_ID=flow_run_id, **{RUN_NAME_ENV: run_name},
                 PATH=joined(str(Path(sys.executable).parent), "PATH"),
                 PYTHONPATH=joined(str(ROOT), "PYTHONPATH"))

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from texq.cli import main
 from texq.models import create_model
@@ -65,7 +66,7 @@ def ckpt(tmp_path):
     return path
 
 
-def bad_inputs(tmp_path, ckpt, small_npz):
+def bad_inputs(tmp_path, ckpt, small_npz, monkeypatch):
     truncated = tmp_path / "trunc.pt"
     truncated.write_bytes(ckpt.read_bytes()[:1000])
     other = tmp_path / "other.pt"
@@ -74,7 +75,28 @@ def bad_inputs(tmp_path, ckpt, small_npz):
     np.savez(wrong_shape, x=np.zeros((4, 32, 32), np.uint8), y=np.zeros(4, int))
     wrong_labels = tmp_path / "labels.npz"
     np.savez(wrong_labels, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 1, 12, 3]))
+    nan = tmp_path / "nan.pt"
+    state = create_model("resnet20a_cifar10").state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, nan)
+    neg_var = tmp_path / "negvar.pt"
+    state = create_model("resnet20a_cifar10").state_dict()
+    state["bn1.running_var"][3] = -1.0
+    torch.save(state, neg_var)
+    photos = tmp_path / "photos"  # an image folder of 10 classes, one image not an image
+    for k in range(10):
+        (photos / f"c{k}").mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 20 * k, np.uint8)).save(photos / f"c{k}" / "a.png")
+    (photos / "c4" / "b.png").write_bytes(b"not an image")
+    factories = tmp_path / "factories"
+    factories.mkdir()
+    (factories / "syntax_error.py").write_text("def build(:\n    pass\n")
+    (factories / "bad_import.py").write_text("import no_such_package_xyz\ndef build():\n    pass\n")
+    (factories / "raises.py").write_text("def build():\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(factories))
+    info = ["--num-classes", "10", "--input-size", "32", "--mean", "0", "0", "0", "--std", "1", "1", "1"]
     base = ["eval", "--model", "resnet20a_cifar10", "--no-progress"]
+    good = base + ["--checkpoint", str(ckpt), "--data", str(small_npz)]
     return {
         "missing checkpoint": (base + ["--checkpoint", str(tmp_path / "gone.th"), "--data", str(small_npz)],
                                "not found"),
@@ -95,13 +117,35 @@ def bad_inputs(tmp_path, ckpt, small_npz):
         "no weights": (base + ["--data", str(small_npz)], "a checkpoint (--checkpoint PATH) or the published ones (--pretrained)"),
         "unknown model": (["eval", "--model", "resnet21_cifar10", "--checkpoint", str(ckpt),
                            "--data", str(small_npz)], "6n+2"),
+        "NaN weight": (base + ["--checkpoint", str(nan), "--data", str(small_npz)],
+                       "tensor layer1.0.conv1.weight holds 1 non-finite value(s)"),
+        "negative running variance": (base + ["--checkpoint", str(neg_var), "--data", str(small_npz)],
+                                      "tensor bn1.running_var holds a negative running variance"),
+        "corrupt image in a folder": (base + ["--checkpoint", str(ckpt), "--data", str(photos)],
+                                      "b.png: not a readable image"),
+        "factory with a syntax error": (["eval", "--model", "syntax_error:build", *info, "--data",
+                                         str(small_npz)], "SyntaxError: invalid syntax (" + str(factories)),
+        "factory with a missing import": (["eval", "--model", "bad_import:build", *info, "--data", str(small_npz)],
+                                          "ModuleNotFoundError: No module named 'no_such_package_xyz'"),
+        "factory that raises": (["eval", "--model", "raises:build", *info, "--data", str(small_npz)],
+                                "failed calling it: RuntimeError: boom (" + str(factories / "raises.py") + ", line 2)"),
+        "batch size 0": (good + ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+        "negative workers": (good + ["--workers", "-1"], "argument --workers: expected an integer >= 0, got -1"),
+        "calibration batches not a number": (good + ["--calib-batches", "x"], "expected an integer >= 1, got 'x'"),
+        "out is a folder": (good + ["--out", str(tmp_path)], f"{tmp_path} is a folder: expected a file"),
+        "out under a file": (good + ["--out", str(small_npz / "r.json")], f"{small_npz} is a file, not a folder"),
     }
 
 
-def test_bad_inputs_give_one_clear_line_and_write_nothing(capsys, tmp_path, ckpt, small_npz):
-    for case, (argv, needle) in bad_inputs(tmp_path, ckpt, small_npz).items():
+def test_bad_inputs_give_one_clear_line_and_write_nothing(capsys, tmp_path, ckpt, small_npz, monkeypatch):
+    for case, (argv, needle) in bad_inputs(tmp_path, ckpt, small_npz, monkeypatch).items():
         out_file = tmp_path / f"{case}.json"
-        rc, out, err = run_cli(capsys, *argv, "--out", str(out_file))
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(out_file)]
+        try:
+            rc, out, err = run_cli(capsys, *argv)
+        except SystemExit as exc:  # argparse's own checks
+            rc, (out, err) = exc.code, capsys.readouterr()
         lines = [ln for ln in err.strip().splitlines() if ln.startswith("texq: error:")]
         assert rc == 2, case
         assert len(lines) == 1 and needle in lines[0], (case, err)

@@ -20,7 +20,7 @@ from texq.pipeline.stages import STAGES
 from texq.run.config import PROFILES
 from texq.run.methods import METHODS
 from texq.util.device import DEVICES
-from texq.util.errors import TexqError
+from texq.util.errors import TexqError, user_message
 
 log = logging.getLogger("texq")
 COMMANDS = "texq.commands"  # entry points adding subcommands: f(subparsers) adds its parser
@@ -31,9 +31,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from texq.models import check_weights, create_model, load_checkpoint
     from texq.quant import FULL_PRECISION, QuantConfig, calibrate, quantize
     from texq.util.device import use_device
-    from texq.util.io import write_json
+    from texq.util.io import check_dest, write_json
 
     start = time.perf_counter()
+    if args.out:
+        check_dest(args.out)
     model = factory_model(args)  # a factory's errors come before any work
     check_weights(args.model, args.pretrained, args.checkpoint, own_module=model is not None)
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, per_channel=not args.per_tensor,
@@ -104,7 +106,9 @@ def factory_model(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> dict:
     from texq.run.config import RunConfig
     from texq.run.runner import run
+    from texq.util.io import check_dest
 
+    check_dest(args.out, folder=True)
     model = factory_model(args)  # a factory's errors come before any work
     cfg = RunConfig.for_profile(
         args.profile, info=model.texq_info if model is not None else None,
@@ -138,14 +142,16 @@ def cmd_export(args: argparse.Namespace) -> dict:
     from texq.export import export_onnx, load_run, require_onnx
     from texq.export.runtime import check_agreement, check_batches, session
     from texq.models import get_info
+    from texq.util.io import check_dest
 
     start = time.perf_counter()
+    check_dest(args.onnx)
     require_onnx()
     qmodel = load_run(args.run_dir)
+    batches = check_batches(get_info(qmodel), args.check_data, args.check_images)  # before writing
     summary = export_onnx(qmodel, args.onnx)
     log.info("wrote %s (%d bytes): %d quantized layers, weights %s, inputs %s", summary.onnx,
              summary.bytes, summary.layers, summary.weight_types, summary.input_types)
-    batches = check_batches(get_info(qmodel), args.check_data, args.check_images)
     check = check_agreement(session(args.onnx), qmodel, batches)
     log.info("ONNX Runtime vs texq on %d %s: %.2f%% same class, max |logit diff| %.3g", check.n,
              args.check_data or "Gaussian-noise images", check.agreement, check.max_abs_logit_diff)
@@ -160,8 +166,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         "`texq models`), or a factory my_models:build returning an nn.Module "
                         "(from . or PYTHONPATH)")
     # a factory's model without texq_info is described by these (each replaces its texq_info's)
-    parser.add_argument("--num-classes", type=int, help="a factory's model: its class count")
-    parser.add_argument("--input-size", type=int, help="a factory's model: its square input side (px)")
+    parser.add_argument("--num-classes", type=count(1), help="a factory's model: its class count")
+    parser.add_argument("--input-size", type=count(1), help="a factory's model: its square input side (px)")
     parser.add_argument("--mean", type=float, nargs=3, metavar="M", help="a factory's model: RGB mean")
     parser.add_argument("--std", type=float, nargs=3, metavar="S", help="a factory's model: RGB std")
     parser.add_argument("--checkpoint", help="weights of the full-precision model (a state dict or "
@@ -171,8 +177,29 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         "cifar100 or an image folder")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``texq: error:`` line (exit status 2), as texq's own."""
+
+    def error(self, message: str):
+        self.exit(2, f"texq: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def count(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="texq", description=__doc__.split("\n")[0])
+    p = Parser(prog="texq", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="top-1/top-5 of a full-precision or quantized model")
@@ -185,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs first")
     e.add_argument("--calib", choices=["noise"], default="noise",
                    help="images that set activation ranges: noise = N(0,1) in input space")
-    e.add_argument("--calib-batches", type=int, default=8)
-    e.add_argument("--calib-batch-size", type=int, default=128)
-    e.add_argument("--seed", type=int, default=0, help="seed of the calibration noise")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    e.add_argument("--calib-batches", type=count(1), default=8)
+    e.add_argument("--calib-batch-size", type=count(1), default=128)
+    e.add_argument("--seed", type=count(0), default=0, help="seed of the calibration noise")
+    e.add_argument("--batch-size", type=count(1), default=256)
+    e.add_argument("--workers", type=count(0), default=0, help="data-loading worker processes")
     e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--out", help="also write the JSON result to this file (atomically)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -228,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx", required=True, help="the .onnx file to write (atomically)")
     x.add_argument("--check-data", help="compare ONNX Runtime with texq on this evaluation set "
                    "(.npz, cifar10, ...); default: Gaussian-noise images")
-    x.add_argument("--check-images", type=int, default=64, help="noise images of the default check")
+    x.add_argument("--check-images", type=count(1), default=64, help="noise images of the default check")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list registered model names")
@@ -243,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         result = args.func(args)
-    except TexqError as exc:
-        print(f"texq: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:
+            raise  # a bug: its traceback
+        print(f"texq: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("texq: interrupted", file=sys.stderr)

@@ -60,11 +60,18 @@ def test_the_experiment_opens_on_its_runs_with_texq_columns(tmp_path, monkeypatc
 def test_a_stopped_stage_ends_killed_an_error_failed_and_a_flow_run_s_leftovers_end_as_told(
         tiny_params, tmp_path, monkeypatch):
     from flows.store import experiment_id
-    from flows.tracking import Terminated, end_flow_run_runs, end_state, tracked_stage
+    from flows.tracking import (
+        FLOW_END_TAG,
+        Orphaned,
+        Terminated,
+        end_flow_run_runs,
+        end_state,
+        tracked_stage,
+    )
     from texq.pipeline import read_config
 
-    assert [end_state(e) for e in (Terminated(), KeyboardInterrupt(), ValueError(), SystemExit(1))] == [
-        "KILLED", "KILLED", "FAILED", "FAILED"]
+    assert [end_state(e) for e in (Terminated(), KeyboardInterrupt(), ValueError(), SystemExit(1),
+                                   Orphaned())] == ["KILLED", "KILLED", "FAILED", "FAILED", "FAILED"]
     c = _store(tmp_path, monkeypatch)
     cfg = read_config(tiny_params, "cpu").run
     ids = {}
@@ -79,9 +86,16 @@ def test_a_stopped_stage_ends_killed_an_error_failed_and_a_flow_run_s_leftovers_
     done = c.create_run(exp, tags={"prefect_flow_run_id": "f3"}).info.run_id
     c.set_terminated(done, "FINISHED")
     other = c.create_run(exp, tags={"prefect_flow_run_id": "f4"}).info.run_id
-    assert sorted(end_flow_run_runs("f3", "KILLED")) == sorted(left)
+    assert sorted(end_flow_run_runs("f3", "KILLED", "Cancelled")) == sorted(left)
     assert [c.get_run(r).info.status for r in (*left, done, other)] == ["KILLED", "KILLED", "FINISHED", "RUNNING"]
+    assert c.get_run(left[0]).data.tags[FLOW_END_TAG] == "Cancelled"
     assert end_flow_run_runs("", "FAILED") == []  # no flow run: nothing to end
+    # a stage that outlived its flow run (its process died) opens no new run for it
+    before = len(c.search_runs([exp]))
+    with pytest.raises(Orphaned, match="flow run f3 ended Cancelled"):
+        with tracked_stage("evaluate", tiny_params, tmp_path, cfg, flow_run_id="f3"):
+            pytest.fail("the stage ran")
+    assert len(c.search_runs([exp])) == before
 
 
 def test_a_registered_version_describes_the_run_in_its_tags():
@@ -130,5 +144,45 @@ def test_sigterm_stops_a_stage_process_and_its_run_ends_killed(tiny_params, tmp_
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal SIGTERM" in err
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    (run,) = c.search_runs([c.get_experiment_by_name("texq").experiment_id])
+    exp = c.get_experiment_by_name("texq").experiment_id
+    (run,) = c.search_runs([exp])
     assert run.info.status == "KILLED" and run.info.end_time
+
+    # the flow run's process (here a stand-in) dies: the stage stops and its run ends FAILED
+    flow = subprocess.Popen(["sleep", "600"])
+    proc = subprocess.Popen([sys.executable, "-m", "flows.stage", "train", "--params", str(tmp_path / "params.yaml"),
+                             "--out", str(out), "--device", "cpu"], env=dict(env, TEXQ_FLOW_PID=str(flow.pid)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    for line in proc.stderr:
+        if line.startswith("epoch ") or time.time() > deadline:
+            break
+    flow.kill()
+    flow.wait()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and f"its flow run's process {flow.pid} is gone" in err
+    runs = c.search_runs([exp], order_by=["attributes.start_time DESC"])
+    assert [r.info.status for r in runs] == ["FAILED", "KILLED"] and runs[0].info.end_time
+    # a stage started after its flow run's process died does not start
+    started = subprocess.run([sys.executable, "-m", "flows.stage", "train", "--params", str(tmp_path / "params.yaml"),
+                              "--out", str(out), "--device", "cpu"], env=dict(env, TEXQ_FLOW_PID=str(flow.pid)),
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode == 128 + signal.SIGTERM and "not started" in started.stderr
+    assert len(c.search_runs([exp])) == 2
+
+
+def test_the_watch_on_a_flow_run_s_process_fires_once_it_is_gone():
+    import subprocess
+    import threading
+    import time
+
+    from flows.stage import alive, watch
+
+    proc = subprocess.Popen(["sleep", "60"])
+    fired = threading.Event()
+    watch(proc.pid, fired.set, period=0.05)
+    time.sleep(0.3)
+    assert alive(proc.pid) and not fired.is_set()
+    proc.kill()  # not reaped yet: a zombie counts as gone
+    assert fired.wait(10) and not alive(proc.pid)
+    proc.wait()

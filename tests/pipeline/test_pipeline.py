@@ -46,6 +46,7 @@ def test_auto_takes_the_profile_value_and_values_override():
         assert fingerprint(cfg) == fingerprint(ref), profile  # params.yaml holds the defaults
     params["finetune"]["alpha6"] = 10
     params["calibration"]["iters"] = 7
+    params["calibration"]["warmup_iters"] = 7  # no more than iters
     params["calibration"]["laws"]["theta_u"] = 0.25
     cfg = _run_config(params)
     assert (cfg.finetune.alpha6, cfg.calibration.iters, cfg.calibration.laws.theta_u) == (10.0, 7, 0.25)
@@ -69,9 +70,24 @@ def test_auto_takes_the_profile_value_and_values_override():
     (lambda p: p.update(finetune=3), "config key 'finetune' is a section"),
     (lambda p: p["finetune"].update(mixup_p=True), "mixup_p=True: expected a number"),
     (lambda p: p["evaluate"].update(batch_sise=64), "unknown config key 'evaluate.batch_sise'"),
-    (lambda p: p["evaluate"].update(batch_size=0), "evaluate.batch_size=0: expected a positive integer"),
+    (lambda p: p["evaluate"].update(batch_size=0), "evaluate.batch_size=0: expected an integer >= 1"),
     (lambda p: p["evaluate"].update(batch_size="big"), "evaluate.batch_size='big'"),
-    (lambda p: p["evaluate"].update(register_model="yes"), "register_model='yes': expected auto, true or false"),
+    (lambda p: p["evaluate"].update(register_model="yes"), "register_model='yes': expected one of auto, true, false"),
+    # every setting's domain, declared beside its field (texq.util.domains)
+    (lambda p: p["finetune"].update(lr=-0.1), "finetune.lr=-0.1: expected a positive number"),
+    (lambda p: p["finetune"].update(lr=float("nan")), "finetune.lr=nan: expected a finite number"),
+    (lambda p: p["finetune"].update(alpha6=float("inf")), "finetune.alpha6=inf: expected a finite number"),
+    (lambda p: p["finetune"].update(epochs=0), "finetune.epochs=0: expected an integer >= 1"),
+    (lambda p: p["finetune"].update(kd_temperature=0), "finetune.kd_temperature=0.0: expected a positive number"),
+    (lambda p: p["finetune"].update(mixup_p=2), "finetune.mixup_p=2.0: expected a number in [0, 1]"),
+    (lambda p: p["finetune"].update(calib_crop_scale=[0.0, 1.0]),
+     "finetune.calib_crop_scale=(0.0, 1.0): expected a number in (0, 1] (each)"),
+    (lambda p: p["calibration"].update(iters=-5), "calibration.iters=-5: expected an integer >= 1"),
+    (lambda p: p["calibration"]["laws"].update(theta_u=1.5), "calibration.laws.theta_u=1.5: expected a number in [0, 1]"),
+    (lambda p: p["generator"].update(beta2=1), "generator.beta2=1.0: expected a number in [0, 1)"),
+    (lambda p: p["distill"].update(batch_size=0), "distill.batch_size=0: expected an integer >= 1"),
+    (lambda p: p["quant"].update(act_momentum=-0.1), "quant.act_momentum=-0.1: expected a number in [0, 1)"),
+    (lambda p: p.update(seed=-1), "seed=-1: expected an integer >= 0"),
 ])
 def test_bad_params_name_the_file_and_key(edit, message):
     params = load_params(ROOT / "params.yaml")
@@ -98,6 +114,12 @@ def test_missing_or_broken_params_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("run: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(tmp_path / "bad.yaml")
+    (tmp_path / "twice.yaml").write_text("seed: 0\nfinetune:\n  lr: 0.1\n  alpha6: 5\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'lr' given twice \(lines 3 and 5\)"):
+        load_params(tmp_path / "twice.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="binary.yaml: not valid YAML"):
+        load_params(tmp_path / "binary.yaml")
 
 
 @pytest.fixture(scope="module")

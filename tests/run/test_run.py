@@ -61,8 +61,10 @@ def test_texq_run_writes_every_artifact(tiny_setup, tiny_run):
 
 def test_rerun_with_other_config_is_refused(tiny_setup, tmp_path):
     run(tiny(tiny_setup, method="zeroq"), tmp_path, progress=False)
-    with pytest.raises(ConfigError, match="another configuration"):
+    with pytest.raises(ConfigError, match=r"another configuration \(seed 0 there vs 1 now\)"):
         run(tiny(tiny_setup, method="zeroq", seed=1), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"\(distill.lr 0.5 there vs 0.25 now; seed 0 there vs 2 now\)"):
+        run(tiny(tiny_setup, method="zeroq", seed=2, overrides={"distill.lr": 0.25}), tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("method", ["gdfq", "zeroq", "real"])
@@ -158,8 +160,10 @@ def test_overrides_and_flatten():
         RunConfig(method="intraq", checkpoint="x")
     with pytest.raises(ConfigError, match="train_data"):
         RunConfig(method="real", checkpoint="x")
-    with pytest.raises(ConfigError, match="act_calib_epochs"):
+    with pytest.raises(ConfigError, match="finetune.warmup_epochs=0: expected an integer >= 1"):
         with_overrides(cfg, {"finetune.warmup_epochs": 0})
+    with pytest.raises(ConfigError, match="act_calib_epochs=3 with warmup_epochs=2"):
+        with_overrides(cfg, {"finetune.warmup_epochs": 2, "finetune.act_calib_epochs": 3})
     with pytest.raises(ConfigError, match="kd_reduction"):
         with_overrides(cfg, {"finetune.kd_reduction": "sum"})
     with pytest.raises(ConfigError, match="evaluation images"):

@@ -62,14 +62,37 @@ def _folder_set(path: Path, info: ModelInfo) -> Dataset:
     from torchvision import datasets
 
     try:
-        ds = datasets.ImageFolder(str(path), transform=eval_transform(info))
+        ds = datasets.ImageFolder(str(path), transform=eval_transform(info), loader=_read_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{path} is not an image folder with one subfolder per class: {exc}") from exc
     if len(ds.classes) != info.num_classes:
         raise DataError(f"{path} has {len(ds.classes)} class folders, model {info.name} has "
                         f"{info.num_classes}: the folder must hold one subfolder per class, "
                         f"sorted names giving indices 0..{info.num_classes - 1}")
+    for file, _ in ds.samples:  # every image's header, before any work (a truncated body: at reading)
+        _check_header(file)
     return ds
+
+
+def _check_header(file: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file):
+            pass
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{file}: not a readable image ({exc}): remove or replace it") from exc
+
+
+def _read_image(file: str):
+    """An RGB image, or a one-line DataError naming the file (a corrupt or truncated image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return im.convert("RGB")
+    except OSError as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(f"{file}: not a readable image ({exc}): remove or replace it") from exc
 
 
 def _subset(spec: str, info: ModelInfo, download: bool, train: bool) -> Dataset:

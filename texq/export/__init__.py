@@ -46,6 +46,7 @@ def load_run(run_dir: str | os.PathLike) -> nn.Module:
     """The quantized model a run folder holds (``train/qmodel.pt`` of a ``texq run --out`` folder
     or of ``out/pipeline``; or ``qmodel.pt`` of the ``train`` folder itself), in eval mode."""
     from texq.models import load_quantized
+    from texq.run.layout import Layout
 
     path = Path(run_dir)
     if not path.is_dir():
@@ -53,6 +54,7 @@ def load_run(run_dir: str | os.PathLike) -> nn.Module:
                               "`texq run` or the pipeline, holding train/qmodel.pt)")
     for qpath in (path / "train" / "qmodel.pt", path / "qmodel.pt"):
         if qpath.is_file():
+            Layout(qpath.parent.parent).verify("train")  # as a texq run recorded it, if it did
             return load_quantized(qpath)
     raise CheckpointError(f"no quantized model in run folder {path}: train/qmodel.pt not found "
                           "(a run writes it when its training finishes)")

@@ -12,7 +12,7 @@ optimisation (up to Adam's epsilon), only batched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,14 @@ from texq.method.bns import (
 )
 from texq.method.texture import LawsLossConfig, TextureConfig, laws_loss, texture_energy
 from texq.models import get_info
+from texq.util.domains import (
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    check_fields,
+)
+from texq.util.errors import ConfigError
 from texq.util.graphs import GraphedStep
 from texq.util.nn_utils import frozen
 from texq.util.progress import progress_bar
@@ -36,18 +44,24 @@ from texq.util.progress import progress_bar
 class CalibrationConfig:
     """Step 1: one synthetic calibration image per class (Eq. 10), then the class centers."""
 
-    images_per_class: int = 1  # the paper synthesises one calibration image per class
-    classes_per_step: int = 0  # optimise this many classes at a time (0: all; same result, less memory)
-    iters: int = 1500  # the paper's maximum number of iterations
-    warmup_iters: int = 150  # first iterations at half lr and without L_LAWS (paper)
-    lr: float = 0.05  # constant learning rate of the images (paper), Adam
-    warmup_lr_factor: float = 0.5  # "half learning rate" during the warm-up (paper)
-    alpha1: float = 2.0  # weight of the layered BNS loss L_L-BNS^C (paper's grid search)
-    alpha2: float = 10.0  # weight of the cross-entropy L_CE^C (paper's grid search)
-    shallow_weight: float = 0.2  # w_l of Eq. 7 for l < ceil(L/2) - 2 (paper)
-    deep_weight: float = 1.1  # w_l of Eq. 7 for the deeper layers (paper)
+    images_per_class: Annotated[int, COUNT] = 1  # the paper synthesises one calibration image per class
+    classes_per_step: Annotated[int, NON_NEGATIVE_INT] = 0  # optimise this many classes at a time (0: all; same result, less memory)
+    iters: Annotated[int, COUNT] = 1500  # the paper's maximum number of iterations
+    warmup_iters: Annotated[int, NON_NEGATIVE_INT] = 150  # first iterations at half lr and without L_LAWS (paper)
+    lr: Annotated[float, POSITIVE] = 0.05  # constant learning rate of the images (paper), Adam
+    warmup_lr_factor: Annotated[float, POSITIVE] = 0.5  # "half learning rate" during the warm-up (paper)
+    alpha1: Annotated[float, NON_NEGATIVE] = 2.0  # weight of the layered BNS loss L_L-BNS^C (paper's grid search)
+    alpha2: Annotated[float, NON_NEGATIVE] = 10.0  # weight of the cross-entropy L_CE^C (paper's grid search)
+    shallow_weight: Annotated[float, NON_NEGATIVE] = 0.2  # w_l of Eq. 7 for l < ceil(L/2) - 2 (paper)
+    deep_weight: Annotated[float, NON_NEGATIVE] = 1.1  # w_l of Eq. 7 for the deeper layers (paper)
     laws: LawsLossConfig = field(default_factory=LawsLossConfig)  # Eq. 6 (k, theta_U, theta_L, eps)
     texture: TextureConfig = field(default_factory=TextureConfig)  # how T is measured
+
+    def __post_init__(self) -> None:
+        check_fields(self, "calibration.")
+        if self.warmup_iters > self.iters:
+            raise ConfigError(f"calibration.warmup_iters={self.warmup_iters} with iters={self.iters}: "
+                              f"expected warmup_iters <= iters")
 
 
 @dataclass

@@ -4,12 +4,14 @@ statistics match the FP model's running statistics (Eq. 3 alone, no labels)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from texq.method.bns import BNStatsCollector, bns_loss, concat
 from texq.models import get_info
+from texq.util.domains import COUNT, POSITIVE, check_fields
 from texq.util.nn_utils import frozen
 from texq.util.progress import progress_bar
 
@@ -18,10 +20,13 @@ from texq.util.progress import progress_bar
 class DistillConfig:
     """ZeroQ baseline: images distilled from noise with the BNS loss alone (Eq. 3)."""
 
-    num_images: int = 256  # distilled images (two of GDFQ's batches)
-    iters: int = 500  # ZeroQ's iterations
-    lr: float = 0.5  # ZeroQ's / IntraQ's Adam learning rate on images
-    batch_size: int = 128  # images optimised together
+    num_images: Annotated[int, COUNT] = 256  # distilled images (two of GDFQ's batches)
+    iters: Annotated[int, COUNT] = 500  # ZeroQ's iterations
+    lr: Annotated[float, POSITIVE] = 0.5  # ZeroQ's / IntraQ's Adam learning rate on images
+    batch_size: Annotated[int, COUNT] = 128  # images optimised together
+
+    def __post_init__(self) -> None:
+        check_fields(self, "distill.")
 
 
 def distill_images(model: nn.Module, cfg: DistillConfig, device: torch.device | str = "cpu",

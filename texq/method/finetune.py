@@ -13,6 +13,7 @@ G's samples, or Q's whole training batch with ``act_calib_inputs='batch'``), the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,16 @@ from texq.method.kd import KD_REDUCTIONS, kd_loss
 from texq.method.mixup import mixup_samples
 from texq.models import get_info
 from texq.quant import act_quantizers, set_observing
+from texq.util.domains import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    PROBABILITY,
+    check_fields,
+    one_of,
+)
 from texq.util.errors import ConfigError
 from texq.util.graphs import GraphedStep, module_state
 
@@ -43,38 +54,34 @@ ACT_CALIB_INPUTS = ("generated", "batch")  # G's samples / Q's batch (G's + cali
 class FinetuneConfig:
     """Step 3: the quantized model Q trained with Eq. 14 while G keeps learning."""
 
-    warmup_epochs: int = 50  # G alone first (paper)
-    epochs: int = 450  # then G and Q together (paper)
-    iters_per_epoch: int = 200  # not in the paper; its lineage's value
-    batch_size: int = 128  # generated samples per step: 128 CIFAR, 16 ImageNet (paper)
-    lr: float = 1e-4  # Q's SGD (nesterov, momentum 0.9) learning rate, CIFAR value of GDFQ/IntraQ
-    weight_decay: float = 1e-4  # GDFQ's
-    alpha6: float = 20.0  # weight of the distillation loss, Eq. 14 (paper)
-    kd_temperature: float = 20.0  # softmax temperature of the KL term (lineage: T = 20, x T^2)
-    kd_reduction: str = "mean"  # KL averaged over batch x classes, as the lineage's nn.KLDivLoss()
-    mixup_p: float = 0.2  # probability that a sample is mixed, Eq. 9 (paper)
-    act_calib_epochs: int = 4  # activation ranges follow Q's inputs for this many warm-up epochs, then freeze
-    act_calib_at: str = "start"  # which warm-up epochs observe: the first (GDFQ's rule) or the last
-    act_calib_inputs: str = "generated"  # observe G's samples (GDFQ) or Q's training batch ("batch")
-    calib_per_batch: int = 16  # calibration images added to each batch (FDDA uses 16)
+    warmup_epochs: Annotated[int, COUNT] = 50  # G alone first (paper)
+    epochs: Annotated[int, COUNT] = 450  # then G and Q together (paper)
+    iters_per_epoch: Annotated[int, COUNT] = 200  # not in the paper; its lineage's value
+    batch_size: Annotated[int, COUNT] = 128  # generated samples per step: 128 CIFAR, 16 ImageNet (paper)
+    lr: Annotated[float, POSITIVE] = 1e-4  # Q's SGD (nesterov, momentum 0.9) learning rate, CIFAR value of GDFQ/IntraQ
+    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4  # GDFQ's
+    alpha6: Annotated[float, NON_NEGATIVE] = 20.0  # weight of the distillation loss, Eq. 14 (paper)
+    kd_temperature: Annotated[float, POSITIVE] = 20.0  # softmax temperature of the KL term (lineage: T = 20, x T^2)
+    kd_reduction: Annotated[str, one_of(*KD_REDUCTIONS)] = "mean"  # KL averaged over batch x classes, as the lineage's nn.KLDivLoss()
+    mixup_p: Annotated[float, PROBABILITY] = 0.2  # probability that a sample is mixed, Eq. 9 (paper)
+    act_calib_epochs: Annotated[int, COUNT] = 4  # activation ranges follow Q's inputs for this many warm-up epochs, then freeze
+    act_calib_at: Annotated[str, one_of(*ACT_CALIB_AT)] = "start"  # which warm-up epochs observe: the first (GDFQ's rule) or the last
+    act_calib_inputs: Annotated[str, one_of(*ACT_CALIB_INPUTS)] = "generated"  # observe G's samples (GDFQ) or Q's training batch ("batch")
+    calib_per_batch: Annotated[int, NON_NEGATIVE_INT] = 16  # calibration images added to each batch (FDDA uses 16)
     calib_augment: bool = True  # random resized crop + flip of calibration images (FDDA)
-    calib_crop_scale: tuple[float, float] = (0.5, 1.0)  # crop area range: IntraQ's 0.5 for 32x32
+    calib_crop_scale: Annotated[tuple[float, float], FRACTION] = (0.5, 1.0)  # crop area range: IntraQ's 0.5 for 32x32
 
     def __post_init__(self) -> None:
-        if not 1 <= self.act_calib_epochs <= self.warmup_epochs:
+        check_fields(self, "finetune.")
+        if not self.act_calib_epochs <= self.warmup_epochs:
             raise ConfigError(f"finetune.act_calib_epochs={self.act_calib_epochs} with warmup_epochs="
                               f"{self.warmup_epochs}: expected 1 <= act_calib_epochs <= warmup_epochs "
                               f"(ranges are observed during the warm-up; Q must train on frozen "
                               f"activation ranges, which its CUDA graph bakes in)")
-        if self.kd_reduction not in KD_REDUCTIONS:
-            raise ConfigError(f"finetune.kd_reduction={self.kd_reduction!r}: expected one of "
-                              f"{', '.join(KD_REDUCTIONS)}")
-        if self.act_calib_at not in ACT_CALIB_AT:
-            raise ConfigError(f"finetune.act_calib_at={self.act_calib_at!r}: expected one of "
-                              f"{', '.join(ACT_CALIB_AT)}")
-        if self.act_calib_inputs not in ACT_CALIB_INPUTS:
-            raise ConfigError(f"finetune.act_calib_inputs={self.act_calib_inputs!r}: expected one of "
-                              f"{', '.join(ACT_CALIB_INPUTS)}")
+        low, high = self.calib_crop_scale
+        if low > high:
+            raise ConfigError(f"finetune.calib_crop_scale={self.calib_crop_scale!r}: expected the "
+                              f"smaller crop area first")
 
     def observes(self, epoch: int) -> bool:
         """Whether activation ranges are observed in ``epoch`` (0-based; always a warm-up epoch)."""

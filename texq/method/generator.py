@@ -13,29 +13,35 @@ class-conditional (affine-free BN, then a per-class scale and shift).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from texq.util.domains import COUNT, MOMENTUM, NON_NEGATIVE, POSITIVE, check_fields
 
 
 @dataclass(frozen=True)
 class GeneratorConfig:
     """Step 2: GDFQ's generator trained with Eq. 12."""
 
-    latent_dim: int = 100  # GDFQ's noise size
-    lr: float = 1e-3  # Adam, initial learning rate (paper)
-    beta1: float = 0.5  # GDFQ's Adam betas
-    beta2: float = 0.999
-    lr_step_epochs: int = 100  # lr x0.1 every 100 epochs (paper)
-    lr_gamma: float = 0.1  # the x0.1 (paper)
-    alpha3: float = 0.4  # weight of the global BNS loss L_BNS^G (paper)
-    alpha4: float = 0.02  # weight of the layered center loss L_L-BNS^G, Eq. 8 (paper)
-    alpha5: float = 1.8  # weight of the distorted center loss L_D-BNS^G, Eq. 11 (paper)
-    nu_mu: float = 0.5  # std of the noise on center means, Eq. 11 (paper)
-    nu_sigma: float = 1.0  # std of the noise on center variances, Eq. 11 (paper)
-    shallow_weight: float = 0.0  # w_l of Eq. 8/11 for l < ceil(L/2) - 2 (paper)
-    deep_weight: float = 1.0  # w_l of Eq. 8/11 for the deeper layers (paper)
+    latent_dim: Annotated[int, COUNT] = 100  # GDFQ's noise size
+    lr: Annotated[float, POSITIVE] = 1e-3  # Adam, initial learning rate (paper)
+    beta1: Annotated[float, MOMENTUM] = 0.5  # GDFQ's Adam betas
+    beta2: Annotated[float, MOMENTUM] = 0.999  # GDFQ's
+    lr_step_epochs: Annotated[int, COUNT] = 100  # lr x0.1 every 100 epochs (paper)
+    lr_gamma: Annotated[float, POSITIVE] = 0.1  # the x0.1 (paper)
+    alpha3: Annotated[float, NON_NEGATIVE] = 0.4  # weight of the global BNS loss L_BNS^G (paper)
+    alpha4: Annotated[float, NON_NEGATIVE] = 0.02  # weight of the layered center loss L_L-BNS^G, Eq. 8 (paper)
+    alpha5: Annotated[float, NON_NEGATIVE] = 1.8  # weight of the distorted center loss L_D-BNS^G, Eq. 11 (paper)
+    nu_mu: Annotated[float, NON_NEGATIVE] = 0.5  # std of the noise on center means, Eq. 11 (paper)
+    nu_sigma: Annotated[float, NON_NEGATIVE] = 1.0  # std of the noise on center variances, Eq. 11 (paper)
+    shallow_weight: Annotated[float, NON_NEGATIVE] = 0.0  # w_l of Eq. 8/11 for l < ceil(L/2) - 2 (paper)
+    deep_weight: Annotated[float, NON_NEGATIVE] = 1.0  # w_l of Eq. 8/11 for the deeper layers (paper)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "generator.")
 
 GDFQ_BN_EPS = 0.8  # GDFQ passes 0.8 as BatchNorm2d's second positional argument, eps
 

@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from texq.util.domains import (
+    FRACTION,
+    NON_NEGATIVE,
+    PROBABILITY,
+    between,
+    check_fields,
+    one_of,
+)
 from texq.util.errors import ConfigError
 
 LAWS_1D: dict[str, tuple[int, ...]] = {
@@ -36,20 +45,14 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for grayscale
 class TextureConfig:
     """How T is measured (defaults: see docs/interpretation.md, 'Texture energy')."""
 
-    energy: str = "square"  # per-pixel energy of a filter response: 'square' (r^2) or 'abs' (|r|)
-    color: str = "gray"  # filter the luma image ('gray') or each RGB channel, energies averaged
-    filter_norm: str = "none"  # 'none' keeps LAWS' integer filters; 'l1' / 'l2' equalise gains
+    energy: Annotated[str, one_of("square", "abs")] = "square"  # per-pixel energy of a filter response: r^2 or |r|
+    color: Annotated[str, one_of("gray", "per_channel")] = "gray"  # filter the luma image or each RGB channel, energies averaged
+    filter_norm: Annotated[str, one_of("none", "l1", "l2")] = "none"  # 'none' keeps LAWS' integer filters; 'l1' / 'l2' equalise gains
     denormalize: bool = True  # undo the model's input normalisation first (energies in [0,1] units)
-    share: float = 0.8  # the top elements holding this share of T are the dominant ones (80% rule)
+    share: Annotated[float, FRACTION] = 0.8  # the top elements holding this share of T are the dominant ones (80% rule)
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("energy", self.energy, ("square", "abs")),
-                                     ("color", self.color, ("gray", "per_channel")),
-                                     ("filter_norm", self.filter_norm, ("none", "l1", "l2"))):
-            if value not in allowed:
-                raise ConfigError(f"texture {name}={value!r}: expected one of {allowed}")
-        if not 0.0 < self.share <= 1.0:
-            raise ConfigError(f"texture share={self.share!r}: expected a value in (0, 1]")
+        check_fields(self, "calibration.texture.")
 
 
 def laws_filters(filter_norm: str = "none") -> Tensor:
@@ -118,17 +121,15 @@ def dominant_count(t: Tensor, share: float = 0.8) -> Tensor:
 class LawsLossConfig:
     """Eq. 6 and its hyper-parameters (section 4.3's optimum)."""
 
-    k: int = 9  # size of the dominant set K
-    theta_u: float = 0.3  # target (upper bound) of K_max
-    theta_l: float = 0.5  # target (lower bound) of the rest of K
-    eps: float = 0.015  # softness: deviations up to eps cost nothing
-    rest_term: str = "sum_minus_max"  # second term on sum(K) - K_max (text); 'one_minus_max' (Eq. 6 as printed)
+    k: Annotated[int, between(1, len(FILTER_NAMES))] = 9  # size of the dominant set K
+    theta_u: Annotated[float, PROBABILITY] = 0.3  # target (upper bound) of K_max
+    theta_l: Annotated[float, PROBABILITY] = 0.5  # target (lower bound) of the rest of K
+    eps: Annotated[float, NON_NEGATIVE] = 0.015  # softness: deviations up to eps cost nothing
+    # second term on sum(K) - K_max (text); 'one_minus_max' (Eq. 6 as printed)
+    rest_term: Annotated[str, one_of("sum_minus_max", "one_minus_max")] = "sum_minus_max"
 
     def __post_init__(self) -> None:
-        if self.rest_term not in ("sum_minus_max", "one_minus_max"):
-            raise ConfigError(f"rest_term={self.rest_term!r}: expected 'sum_minus_max' or 'one_minus_max'")
-        if not 1 <= self.k <= len(FILTER_NAMES):
-            raise ConfigError(f"k={self.k}: expected 1..{len(FILTER_NAMES)}")
+        check_fields(self, "calibration.laws.")
 
 
 def laws_loss(t: Tensor, cfg: LawsLossConfig = LawsLossConfig()) -> Tensor:

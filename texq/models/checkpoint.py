@@ -84,9 +84,25 @@ def _class_count_hint(model: nn.Module, state: Mapping[str, torch.Tensor],
     return ""
 
 
+def check_finite(state: Mapping[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Refuse weights a model cannot have: a floating tensor holding NaN or an infinity, or a
+    BatchNorm running variance below 0 (CheckpointError naming the first such tensor)."""
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise CheckpointError(f"{where}: tensor {key} holds {bad} non-finite value(s) (NaN or "
+                                  f"infinity) among {value.numel()}")
+        if key.endswith("running_var") and bool((value < 0).any()):
+            raise CheckpointError(f"{where}: tensor {key} holds a negative running variance "
+                                  f"({float(value.min()):.4g})")
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, model_name: str = "the model") -> nn.Module:
     """Load the weights in ``path`` into ``model`` (in place) and return it."""
     state = extract_state_dict(load_torch(path), path)
+    check_finite(state, path)
     check_compatible(model, state, path, model_name)
     model.load_state_dict(state, strict=False)
     return model

@@ -9,6 +9,7 @@ from dataclasses import asdict, fields
 
 from torch import nn
 
+from texq.models.checkpoint import check_finite
 from texq.models.info import ModelInfo, get_info
 from texq.models.registry import create_model, is_registered
 from texq.models.user import architecture_digest, build_factory
@@ -50,6 +51,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     obj = load_torch(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a texq quantized model (format {FORMAT})")
+    check_finite(obj.get("state_dict") or {}, path)
     known = {f.name for f in fields(QuantConfig)}
     cfg = QuantConfig(**{k: v for k, v in obj["quant"].items() if k in known})
     qmodel = quantize(_rebuilt_float_model(obj, path, model), cfg)

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import re
+import traceback
 from dataclasses import fields, replace
 from typing import Any, Mapping
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from texq.models.checkpoint import check_finite
 from texq.models.info import ModelInfo, get_info
 from texq.quant import quantizable_layers, unquantized_layers
 from texq.util.errors import ConfigError
@@ -43,9 +45,11 @@ def _resolve(spec: str):
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
-            raise  # the module exists but an import inside it fails: its own traceback
+            raise factory_failure(spec, "importing it", exc) from exc  # an import inside it fails
         raise ConfigError(f"model factory {spec!r}: no module named {exc.name!r} "
                           f"(is its folder on sys.path / PYTHONPATH?)") from exc
+    except Exception as exc:  # a syntax error, an error at import time: the user's code
+        raise factory_failure(spec, "importing it", exc) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"model factory {spec!r}: {module_name!r} has no attribute {attr!r}")
@@ -63,11 +67,28 @@ def _resolve(spec: str):
     return obj
 
 
+def factory_failure(spec: str, doing: str, exc: BaseException) -> ConfigError:
+    """One line for an error raised by a user's factory module: what failed and where (the last
+    line of the user's code in the traceback, or the syntax error's line)."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}, line {exc.lineno}"
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        own = [f for f in frames if "importlib" not in f.filename] or frames
+        where = f"{own[-1].filename}, line {own[-1].lineno}" if own else "?"
+    text = exc.msg if isinstance(exc, SyntaxError) else (str(exc).strip().splitlines() or [""])[0]
+    return ConfigError(f"model factory {spec!r} failed {doing}: {type(exc).__name__}: {text} ({where})")
+
+
 def build_factory(spec: str, info_fields: Mapping[str, Any] | None = None) -> nn.Module:
     """Call the factory ``spec`` and return its module in eval mode with ``texq_info`` set: the
     module's own, its fields replaced by ``info_fields``; a module without one needs
     ``info_fields`` to hold num_classes, input_size, mean and std (name: the spec)."""
-    model = _resolve(spec)()
+    factory = _resolve(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise factory_failure(spec, "calling it", exc) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {spec!r} returned {type(model).__name__}, "
                           f"expected a torch.nn.Module")
@@ -108,6 +129,7 @@ def check_model(model: nn.Module, name: str) -> None:
                           f"statistics (track_running_stats=False), which the BNS losses match")
     if not quantizable_layers(model):
         raise ConfigError(f"model {name!r} has no Conv2d or Linear layer texq can quantize")
+    check_finite(model.state_dict(), f"model {name!r}")
 
 
 def architecture_digest(model: nn.Module) -> str:

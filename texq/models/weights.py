@@ -8,7 +8,6 @@ against the hash its publisher put in its name before it is used.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import zipfile
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from texq.util.errors import CheckpointError
-from texq.util.io import atomic_path
+from texq.util.io import atomic_path, file_digest
 
 PYTORCHCV_URL = "https://github.com/osmr/imgclsmob/releases/download/{tag}/{file}.zip"
 AKAMASTER_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/{file}"
@@ -73,16 +72,8 @@ def texq_home() -> Path:
     return Path(os.environ.get("TEXQ_HOME", Path.home() / ".cache" / "texq"))
 
 
-def file_hash(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _hash_ok(path: Path, wf: WeightsFile) -> bool:
-    return file_hash(path, wf.hash_algo).startswith(wf.hash_prefix)
+    return file_digest(path, wf.hash_algo).startswith(wf.hash_prefix)
 
 
 def _download(url: str, dest: Path) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from texq.run.config import RunConfig
+from texq.util.domains import COUNT, check_fields, one_of
 from texq.util.errors import ConfigError
 from texq.util.keys import build, check_value, leaves
 
@@ -30,15 +32,12 @@ class EvaluateConfig:
     """The pipeline's ``evaluate`` section: how the teacher and evaluate stages score, and what a
     tracked run does with its model."""
 
-    batch_size: int = 256  # evaluation batch; any size gives the same counts
-    register_model: bool | str = AUTO  # a version in MLflow's registry per tracked run; auto: paper runs
+    batch_size: Annotated[int, COUNT] = 256  # evaluation batch; any size gives the same counts
+    # a version in MLflow's registry per tracked run; auto: paper runs
+    register_model: Annotated[bool | str, one_of(AUTO, True, False)] = AUTO
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"evaluate.batch_size={self.batch_size!r}: expected a positive integer")
-        if self.register_model not in (True, False, AUTO):
-            raise ConfigError(f"evaluate.register_model={self.register_model!r}: expected auto, "
-                              f"true or false")
+        check_fields(self, "evaluate.")
 
     def registers(self, profile: str) -> bool:
         """Whether a tracked run registers its quantized model: ``auto`` for the ``paper`` profile
@@ -56,6 +55,24 @@ class PipelineConfig:
         return self.evaluate.registers(self.run.profile)
 
 
+def _unique_keys_loader(path: Path):
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ConfigError(f"{path}: key {key!r} given twice (lines {seen[key] + 1} and "
+                                      f"{key_node.start_mark.line + 1}): keep one")
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     import yaml
 
@@ -63,9 +80,9 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        params = yaml.load(path.read_text(), Loader=_unique_keys_loader(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return params

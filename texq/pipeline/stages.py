@@ -8,7 +8,8 @@ own process, over ``out/pipeline`` laid out as a ``texq run`` folder (``texq.run
 
 The same step functions as ``texq run``, with the same seeds: the same results. Outputs are written
 atomically; ``train`` checkpoints each epoch under ``<out>/.work/`` (not a DVC out) and a rerun
-after a kill resumes from there.
+after a kill resumes from there. A stage holds ``<out>``'s lock while it runs (texq.util.lock): a
+second stage process on the same folder (an orphan still running, a concurrent rerun) is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from texq.pipeline.params import PipelineConfig
 from texq.run.layout import Layout
 from texq.run.model import float_model
+from texq.util.lock import folder_lock
 
 log = logging.getLogger("texq")
 STAGES = ("teacher", "synthesize", "train", "evaluate")
@@ -41,7 +43,7 @@ def run_stage(name: str, config: PipelineConfig, out: str | Path = "out/pipeline
     else:
         raise ValueError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}")
     layout = Layout(out)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    log.info("stage %s: texq.run.%s.step -> %s", name, name, layout.root)
-    extra = {"batch_size": config.evaluate.batch_size} if name in SCORING else {}
-    return step(config.run, float_model(config.run), layout, progress, **extra)
+    with folder_lock(layout.root, f"stage {name}"):  # one stage process at a time writes into out
+        log.info("stage %s: texq.run.%s.step -> %s", name, name, layout.root)
+        extra = {"batch_size": config.evaluate.batch_size} if name in SCORING else {}
+        return step(config.run, float_model(config.run), layout, progress, **extra)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Annotated, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from texq.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+from texq.util.domains import MOMENTUM, Domain, check_fields, one_of
 from texq.util.errors import ConfigError
 
 #: bit width meaning "not quantized" (full precision float32)
@@ -25,17 +26,17 @@ FULL_PRECISION = 32
 MIN_BITS, MAX_BITS = 2, 8
 
 
+#: the supported bit widths, as a config field's domain (texq.util.domains)
+BITS = Domain(f"a supported bit width: an integer in {MIN_BITS}..{MAX_BITS}, or {FULL_PRECISION} for "
+              f"full precision", lambda b: MIN_BITS <= b <= MAX_BITS or b == FULL_PRECISION)
+
+
 def check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
     """Raise ConfigError unless ``bits`` is in 2..8 or 32 (full precision)."""
     if bits is None and allow_none:
         return
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (
-        MIN_BITS <= bits <= MAX_BITS or bits == FULL_PRECISION
-    ):
-        raise ConfigError(
-            f"{name}={bits!r} is not a supported bit width: expected an integer in "
-            f"{MIN_BITS}..{MAX_BITS}, or {FULL_PRECISION} for full precision"
-        )
+    if isinstance(bits, bool) or not isinstance(bits, int) or not BITS.holds(bits):
+        raise ConfigError(f"{name}={bits!r}: expected {BITS.words}")
 
 
 @dataclass(frozen=True)
@@ -45,22 +46,19 @@ class QuantOptions:
 
     per_channel: bool = True  # one weight range per output channel (ZeroQ/GDFQ); False: per tensor
     integer_zero_point: bool = True  # round ZP as the lineage code does, so 0.0 is exact
-    ste: str = "clipped"  # gradient 1 inside the range, 0 where clipped; 'identity': 1 everywhere
-    act_momentum: float = 0.9  # EMA factor of activation ranges while observing (lineage: 0.9)
-    first_layer_bits: int | None = None  # weight bits of the first layer; None: w_bits
-    last_layer_bits: int | None = None  # weight and input bits of the last layer; None: as others
+    ste: Annotated[str, one_of("clipped", "identity")] = "clipped"  # gradient 1 inside the range, 0 where clipped; 'identity': 1 everywhere
+    act_momentum: Annotated[float, MOMENTUM] = 0.9  # EMA factor of activation ranges while observing (lineage: 0.9)
+    first_layer_bits: Annotated[int | None, BITS] = None  # weight bits of the first layer; None: w_bits
+    last_layer_bits: Annotated[int | None, BITS] = None  # weight and input bits of the last layer; None: as others
     quantize_input: bool = False  # also quantize the raw image entering the first layer
     fold_bn: bool = False  # fold BatchNorm into the preceding conv before quantizing
     first_layer: str | None = None  # module name of the first layer; None: first in module order
     last_layer: str | None = None  # module name of the last layer; None: last in module order
 
     def __post_init__(self) -> None:
-        check_bits("first_layer_bits", self.first_layer_bits, allow_none=True)
-        check_bits("last_layer_bits", self.last_layer_bits, allow_none=True)
-        if self.ste not in ("clipped", "identity"):
-            raise ConfigError(f"ste={self.ste!r}: expected 'clipped' or 'identity'")
-        if not 0.0 <= self.act_momentum < 1.0:
-            raise ConfigError(f"act_momentum={self.act_momentum!r}: expected a value in [0, 1)")
+        check_bits("quant.first_layer_bits", self.first_layer_bits, allow_none=True)
+        check_bits("quant.last_layer_bits", self.last_layer_bits, allow_none=True)
+        check_fields(self, "quant.")
 
     def with_bits(self, w_bits: int, a_bits: int) -> "QuantConfig":
         return QuantConfig(w_bits=w_bits, a_bits=a_bits, **asdict(self))
@@ -70,8 +68,8 @@ class QuantOptions:
 class QuantConfig(QuantOptions):
     """How to quantize a model (the paper's setting is the default: per-channel W, per-tensor A)."""
 
-    w_bits: int = 4  # weight bit width, 2..8 (32 = keep float)
-    a_bits: int = 4  # activation bit width, 2..8 (32 = keep float)
+    w_bits: Annotated[int, BITS] = 4  # weight bit width, 2..8 (32 = keep float)
+    a_bits: Annotated[int, BITS] = 4  # activation bit width, 2..8 (32 = keep float)
 
     def __post_init__(self) -> None:
         check_bits("w_bits", self.w_bits)

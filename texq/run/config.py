@@ -15,15 +15,17 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Annotated, Mapping
 
 from texq.method.calibration import CalibrationConfig
 from texq.method.distill import DistillConfig
 from texq.method.finetune import FinetuneConfig
 from texq.method.generator import GeneratorConfig
 from texq.models import ModelInfo, check_weights, model_info
-from texq.quant import QuantConfig, QuantOptions, check_bits
+from texq.quant import BITS, QuantConfig, QuantOptions
 from texq.run.methods import METHOD_SPECS, METHODS, check_switches
+from texq.util.device import DEVICES
+from texq.util.domains import NON_NEGATIVE_INT, check_fields, one_of
 from texq.util.errors import ConfigError
 from texq.util.keys import build, check_value, merge, nest
 
@@ -42,17 +44,17 @@ class RunConfig:
     pretrained: bool = False  # or the published weights (registry models)
     data: str = "cifar10"  # evaluation set (test images: final score only)
     train_data: str | None = None  # real training images, method 'real' only
-    method: str = "texq"  # texq | gdfq | zeroq | real
-    profile: str = "paper"  # paper | quick | tiny
-    w_bits: int = 4  # weight bits
-    a_bits: int = 4  # activation bits
-    seed: int = 0  # seeds every random draw of the run
-    device: str = "auto"  # auto | cpu | cuda
+    method: Annotated[str, one_of(*METHODS)] = "texq"  # texq | gdfq | zeroq | real
+    profile: Annotated[str, one_of(*PROFILES)] = "paper"  # paper | quick | tiny
+    w_bits: Annotated[int, BITS] = 4  # weight bits
+    a_bits: Annotated[int, BITS] = 4  # activation bits
+    seed: Annotated[int, NON_NEGATIVE_INT] = 0  # seeds every random draw of the run
+    device: Annotated[str, one_of(*DEVICES)] = "auto"  # auto | cpu | cuda
     laws: bool = True  # Table 3 switch: L_LAWS^C in step 1
     layered_bns: bool = True  # Table 3 switch: L_L-BNS^C (else the plain Eq. 3) in step 1
     mkd: bool = True  # Table 3 switch: mixup knowledge distillation (else plain KD)
-    bns_norm: str = "mse"  # BNS distance: the lineage's mean square ('mse') or Eq. 3's L2 ('l2')
-    channels_last: bool | str = "auto"  # NHWC convolutions (speed only, same maths); auto: where faster (texq.util.device)
+    bns_norm: Annotated[str, one_of("mse", "l2")] = "mse"  # BNS distance: the lineage's mean square ('mse') or Eq. 3's L2 ('l2')
+    channels_last: Annotated[bool | str, one_of(True, False, "auto")] = "auto"  # NHWC convolutions (speed only, same maths); auto: where faster (texq.util.device)
     cuda_graphs: bool = True  # on CUDA, replay each training step as one CUDA graph: speed only, same maths
     tf32: bool = False  # TF32 CUDA convolutions: faster, 10-bit-mantissa products (off: float32)
     quant: QuantOptions = field(default_factory=QuantOptions)  # quantizer options; the bits are above
@@ -62,20 +64,13 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
-        if self.profile not in PROFILES:
-            raise ConfigError(f"profile={self.profile!r}: expected one of {', '.join(PROFILES)}")
+        check_fields(self, "")
         if METHOD_SPECS[self.method].real_images and not self.train_data:
             raise ConfigError(f"method {self.method!r} needs train_data (real training images)")
         if self.train_data and _same_data(self.train_data, self.data):
             raise ConfigError(f"train_data={self.train_data!r} names the evaluation images "
                               f"(data={self.data!r}): test images are for the final score only")
         check_weights(self.model, self.pretrained, self.checkpoint)
-        if self.channels_last not in (True, False, "auto"):
-            raise ConfigError(f"channels_last={self.channels_last!r}: expected true, false or auto")
-        if self.bns_norm not in ("mse", "l2"):
-            raise ConfigError(f"bns_norm={self.bns_norm!r}: expected 'mse' or 'l2'")
         check_switches(self)
         for key, value in METHOD_SPECS[self.method].fixed.items():  # what the method always uses
             section, _, name = key.rpartition(".")
@@ -83,8 +78,6 @@ class RunConfig:
                 object.__setattr__(self, section, replace(getattr(self, section), **{name: value}))
             else:
                 object.__setattr__(self, name, value)
-        check_bits("w_bits", self.w_bits)
-        check_bits("a_bits", self.a_bits)
 
     def quant_config(self) -> QuantConfig:
         """The quantizer's configuration: the ``quant`` options at the run's bit widths."""
@@ -155,9 +148,12 @@ def profile_settings(profile: str, info: ModelInfo) -> dict:
     return tree
 
 
+SPEED_ONLY = ("device", "cuda_graphs", "channels_last")  # settings that leave the maths as it is
+
+
 def fingerprint(cfg: RunConfig) -> str:
     """What identifies a run's results (the device and the speed-only settings do not)."""
     d = cfg.to_dict()
-    for speed_only in ("device", "cuda_graphs", "channels_last"):  # same maths either way
+    for speed_only in SPEED_ONLY:
         d.pop(speed_only)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

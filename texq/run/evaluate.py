@@ -6,8 +6,6 @@ per-class scores as dvc.yaml's plot reads them."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 from torch import nn
 
@@ -21,7 +19,7 @@ from texq.run.layout import Layout
 from texq.run.methods import SWITCHES, effective_settings, spec
 from texq.run.teacher import teacher_top1
 from texq.util.device import use_device
-from texq.util.io import load_torch, write_json
+from texq.util.io import load_torch, read_json, write_json
 
 
 def step(cfg: RunConfig, model: nn.Module, layout: Layout, progress: bool = True,
@@ -31,7 +29,7 @@ def step(cfg: RunConfig, model: nn.Module, layout: Layout, progress: bool = True
     info = model.texq_info
     if data is None:
         data = load_eval_data(cfg.data, info)
-    summary = json.loads(layout.summary.read_text())
+    summary = read_json(layout.summary)
     dev = use_device(cfg.device, cfg.tf32)
     qmodel = load_quantized(layout.qmodel, model=model).to(dev)
     metrics = scores(cfg, model.to(dev), qmodel, data, progress, batch_size,

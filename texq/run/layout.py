@@ -12,6 +12,9 @@
     metrics.json     evaluate:   final scores, settings in effect, texture statistics
     per_class.json   evaluate:   per-class top-1 (dvc.yaml's per-class plot)
     figures/         the pictures of a finished run (texq.run.figures)
+    digests.json     texq run only: the SHA-256 of each file above as its step wrote it; a rerun,
+                     a resume and ``texq export`` refuse a file that no longer matches
+    .lock            while a run or a stage writes into the folder (texq.util.lock)
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from texq.method.calibration import CalibrationSet
-from texq.util.io import load_torch
+from texq.util.errors import CheckpointError
+from texq.util.io import file_digest, load_torch, read_json, write_json
 
 FILES = {  # a Layout's attribute -> its path under the run folder (the table above)
     "config": "config.json", "teacher": "teacher.json", "step1": "step1.pt", "train": "train",
     "qmodel": "train/qmodel.pt", "generator": "train/generator.pt",
     "history": "train/history.jsonl", "summary": "train/summary.json",
     "history_plot": "history.json", "metrics": "metrics.json", "per_class": "per_class.json",
-    "figures": "figures",
+    "figures": "figures", "digests": "digests.json",
 }
 
 
@@ -56,3 +60,39 @@ class Layout:
 
     def calibration_set(self) -> CalibrationSet:
         return CalibrationSet.from_dict(load_torch(self.step1))
+
+    def record(self, *names: str) -> None:
+        """Add the digests of the files ``names`` (FILES keys; a folder: each file in it) to
+        ``digests.json``, as they are now."""
+        digests = self.recorded()
+        for name in names:
+            path = getattr(self, name)
+            digests = {k: v for k, v in digests.items() if not (k + "/").startswith(FILES[name] + "/")}
+            for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if f.is_file():
+                    digests[f.relative_to(self.root).as_posix()] = file_digest(f)
+        write_json(self.digests, digests)
+
+    def recorded(self) -> dict[str, str]:
+        """{relative path: sha256} of the files written so far ({} for a folder without records)."""
+        return read_json(self.digests) if self.digests.is_file() else {}
+
+    def verify(self, *names: str) -> None:
+        """Every recorded file (under ``names`` only, if given) still has its digest; else a
+        CheckpointError naming it and the remedy: remove the step's output (the file, or the
+        folder holding it), which the next run redoes. A step's output removed whole is not an
+        error: it is redone."""
+        prefixes = tuple(FILES[n] for n in names)
+        for rel, digest in self.recorded().items():
+            if prefixes and not rel.startswith(prefixes):
+                continue
+            path, output = self.root / rel, self.root / rel.split("/")[0]
+            if not output.exists():
+                continue  # removed whole: the step is redone
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing from {output}: remove {output} and rerun "
+                                      f"(the run redoes that step)")
+            if file_digest(path) != digest:
+                raise CheckpointError(f"{path}: damaged (its SHA-256 differs from the one recorded "
+                                      f"when it was written): remove {output} and rerun (the run "
+                                      f"redoes that step)")

@@ -21,12 +21,14 @@ from texq.data import load_eval_data
 from texq.models import check_model
 from texq.models.user import model_record
 from texq.run import evaluate, synthesize, teacher, train
-from texq.run.config import RunConfig, fingerprint
+from texq.run.config import SPEED_ONLY, RunConfig, fingerprint
 from texq.run.layout import Layout
 from texq.run.methods import effective_settings
 from texq.run.model import float_model
 from texq.util.errors import ConfigError
-from texq.util.io import write_json
+from texq.util.io import read_json, write_json
+from texq.util.keys import leaves
+from texq.util.lock import folder_lock
 
 log = logging.getLogger("texq")
 
@@ -43,10 +45,15 @@ def _prepare_out(layout: Layout, cfg: RunConfig, model: dict) -> None:
     layout.root.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg)
     if layout.config.exists():
-        old = json.loads(layout.config.read_text())
+        old = read_json(layout.config)
         if old.get("fingerprint") != fp:
-            raise ConfigError(f"{layout.root} holds a run with another configuration (fingerprint "
-                              f"{old.get('fingerprint')} vs {fp}): use another --out or delete it")
+            before, now = leaves(old.get("config") or {}), leaves(json.loads(json.dumps(cfg.to_dict())))
+            differ = [f"{k} {before.get(k, '(absent)')!r} there vs {now.get(k, '(absent)')!r} now"
+                      for k in sorted(before.keys() | now.keys())
+                      if k not in SPEED_ONLY and before.get(k, "(absent)") != now.get(k, "(absent)")]
+            raise ConfigError(f"{layout.root} holds a run with another configuration "
+                              f"({'; '.join(differ) or 'fingerprint ' + str(old.get('fingerprint'))}): "
+                              f"use another --out or delete it")
         now = json.loads(json.dumps(model))  # as config.json holds it (tuples as lists)
         before = old.get("model", now)  # runs of texq 0.1 recorded no model
         for key in ("info", "architecture", "weights"):
@@ -73,14 +80,21 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True, model: nn.Module
                     cfg.model, len(record["unquantized"]),
                     ", ".join(f"{u['name'] or '<model>'} ({u['type']})" for u in record["unquantized"]))
     data = load_eval_data(cfg.data, fp_model.texq_info)  # fail on bad data before the long work
-    _prepare_out(layout, cfg, record)
-    if layout.metrics.exists():
-        log.info("%s already holds a finished run", layout.root)
-        return json.loads(layout.metrics.read_text())
-    if teacher.teacher_top1(layout, cfg, len(data)) is None:
-        teacher.step(cfg, fp_model, layout, progress, data=data)
-    if not layout.step1.exists():
-        synthesize.step(cfg, fp_model, layout, progress)
-    if not layout.train.exists():
-        train.step(cfg, fp_model, layout, progress)
-    return evaluate.step(cfg, fp_model, layout, progress, data=data)
+    with folder_lock(layout.root, "a texq run"):  # one run at a time writes into a folder
+        _prepare_out(layout, cfg, record)
+        layout.verify()  # a damaged file is refused, never reused
+        if layout.metrics.exists():
+            log.info("%s already holds a finished run", layout.root)
+            return read_json(layout.metrics)
+        if teacher.teacher_top1(layout, cfg, len(data)) is None:
+            teacher.step(cfg, fp_model, layout, progress, data=data)
+            layout.record("teacher")
+        if not layout.step1.exists():
+            synthesize.step(cfg, fp_model, layout, progress)
+            layout.record("step1")
+        if not layout.train.exists():
+            train.step(cfg, fp_model, layout, progress)
+            layout.record("train", "history_plot")
+        result = evaluate.step(cfg, fp_model, layout, progress, data=data)
+        layout.record("metrics", "per_class")
+        return result

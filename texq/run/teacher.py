@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from torch import nn
 
 from texq.data import load_eval_data
@@ -11,7 +9,7 @@ from texq.eval import evaluate
 from texq.run.config import RunConfig
 from texq.run.layout import Layout
 from texq.util.device import use_device
-from texq.util.io import write_json
+from texq.util.io import read_json, write_json
 
 
 def step(cfg: RunConfig, model: nn.Module, layout: Layout, progress: bool = True,
@@ -35,7 +33,7 @@ def teacher_source(cfg: RunConfig) -> dict:
 def teacher_top1(layout: Layout, cfg: RunConfig, n: int) -> float | None:
     """F's top-1 from ``teacher.json`` if it was scored on the same model and data, else None."""
     try:
-        t = json.loads(layout.teacher.read_text())
+        t = read_json(layout.teacher)
     except (OSError, ValueError):
         return None
     same = all(t.get(k) == v for k, v in teacher_source(cfg).items()) and t.get("n") == n

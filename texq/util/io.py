@@ -6,6 +6,8 @@ killed process never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -16,7 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
-from texq.util.errors import CheckpointError
+from texq.util.errors import CheckpointError, TexqError
 
 
 @contextmanager
@@ -28,11 +30,48 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as exc:  # a write's error (a full disk) names no file: name the one it is for
+            if exc.filename or not exc.errno:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(dest)) from exc
+        except RuntimeError as exc:  # torch.save's own words for a failed write (a full disk)
+            if "write" not in str(exc).lower():
+                raise
+            raise OSError(errno.EIO, f"cannot be written ({_first_line(exc)}; is the disk full?)",
+                          str(dest)) from exc
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, or a TexqError naming the file (missing, unreadable, not JSON)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise TexqError(f"{path}: not found") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TexqError(f"{path}: not valid JSON ({_first_line(exc)}): remove it, or its folder, "
+                        f"and rerun") from exc
+
+
+def check_dest(path: str | os.PathLike, folder: bool = False) -> None:
+    """Refuse, before any work, a destination that cannot be written: a folder where a file is
+    expected (or a file where a folder is), or a parent that is a file."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind, want = ("a file", "a folder") if folder else ("a folder", "a file")
+        raise TexqError(f"{path} is {kind}: expected {want} (its destination)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TexqError(f"{path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise TexqError(f"{path}: {parent} is not writable")
+            break
 
 
 def write_json(dest: str | os.PathLike, obj: Any) -> None:
@@ -55,8 +94,11 @@ def load_torch(path: str | os.PathLike) -> Any:
             f"cannot read checkpoint {path}: truncated or not a PyTorch file ({_first_line(exc)})"
         ) from exc
     except Exception as exc:  # pickle.UnpicklingError and friends from weights_only
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith("Unsupported")), _first_line(exc))
         raise CheckpointError(
-            f"cannot read checkpoint {path} with weights_only=True: {_first_line(exc)}"
+            f"cannot read checkpoint {path} with weights_only=True: not a PyTorch file of tensors "
+            f"and plain containers (a plain pickle, pickled code, or other bytes: {why})"
         ) from exc
 
 
@@ -71,3 +113,12 @@ def save_torch(dest: str | os.PathLike, obj) -> None:
     same object would give other bytes on every save, and DVC another hash."""
     with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
+
+
+def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
+    """The hex digest of a file's bytes."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

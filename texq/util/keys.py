@@ -9,11 +9,11 @@ dataclass annotations (``check_value``), and ``with_overrides`` applies dotted k
 
 from __future__ import annotations
 
-import math
 import types
 from dataclasses import fields, is_dataclass
 from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
 
+from texq.util.domains import check_domains, domains_of
 from texq.util.errors import ConfigError
 
 
@@ -89,7 +89,7 @@ def build(cls, tree: Mapping, prefix: str = ""):
     their defaults): each key must name a setting or a section of ``cls`` and each value must have
     its annotated type (``check_value``), else a one-line ConfigError naming the dotted key. Every
     dataclass is constructed once, with all of its values, so its checks see them together."""
-    hints, names = get_type_hints(cls), {f.name for f in fields(cls)}
+    hints, names = get_type_hints(cls, include_extras=True), {f.name for f in fields(cls)}
     values = {}
     for name, value in tree.items():
         key = prefix + name
@@ -116,22 +116,30 @@ def with_overrides(cfg, overrides: Mapping[str, object]):
 
 
 def check_value(key: str, value, hint):
-    """``value`` converted to the annotated type ``hint`` (ints pass as floats, lists as tuples),
-    or a ConfigError naming ``key`` and the expected type."""
+    """``value`` converted to the annotated type ``hint`` (ints pass as floats, lists as tuples)
+    and within the domains it declares (``texq.util.domains``; numbers finite), or a ConfigError
+    naming ``key`` and what was expected."""
+    base, _ = domains_of(hint)
+    value = _typed(key, value, base)
+    check_domains(key, value, hint)
+    return value
+
+
+def _typed(key: str, value, hint):
     origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
-                return check_value(key, value, arg)
+                return _typed(key, value, arg)
             except ConfigError:
                 pass
     elif origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
-        return tuple(check_value(key, v, a) for v, a in zip(value, args))
+        return tuple(_typed(key, v, a) for v, a in zip(value, args))
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    elif hint is float and isinstance(value, str) and _finite_number(value):
+    elif hint is float and isinstance(value, str) and _number(value):
         return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
     elif hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -140,11 +148,12 @@ def check_value(key: str, value, hint):
     raise ConfigError(f"{key}={value!r}: expected {_type_name(hint)}")
 
 
-def _finite_number(text: str) -> bool:
+def _number(text: str) -> bool:
     try:
-        return math.isfinite(float(text))
+        float(text)
     except ValueError:
         return False
+    return True
 
 
 def _type_name(hint) -> str:

@@ -1,0 +1,295 @@
+"""The bad-input battery: every case a user can cause or meet, run black box through the installed
+command line, each checked for exit status 2, exactly one ``texq: error:`` line, no traceback,
+nothing written at its destination and no temporary file left. Prints one row per case and the
+count; exits 1 if any case fails.
+
+    python bench/bad_inputs.py [--keep DIR] [--only SUBSTRING]
+
+About 5 minutes on 2 CPU cores (a process per case, one tiny run to damage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Evil:  # a pickled object that would run code when loaded without weights_only
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def files(d: Path) -> dict:
+    """The bad files the cases use, made in ``d``."""
+    from texq.models import create_model
+
+    torch.manual_seed(0)
+    state = create_model("resnet8_cifar10").state_dict()
+    f = {"ckpt": d / "r8.pt"}
+    torch.save(state, f["ckpt"])
+    f["trunc"] = d / "trunc.pt"
+    f["trunc"].write_bytes(f["ckpt"].read_bytes()[:2000])
+    f["random"] = d / "random.pt"
+    f["random"].write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    f["pickled"] = d / "pickled.pt"
+    f["pickled"].write_bytes(pickle.dumps({"state_dict": Evil()}))
+    f["other"] = d / "other.pt"
+    torch.save(create_model("resnet20_cifar10").state_dict(), f["other"])
+    f["classes"] = d / "classes.pt"
+    torch.save(create_model("resnet8_cifar100").state_dict(), f["classes"])
+    for name, key, value in (("nan", "conv.weight", float("nan")), ("inf", "output.weight", float("inf")),
+                             ("negvar", "bn.running_var", -1.0), ("nanvar", "bn.running_var", float("nan"))):
+        s = {k: v.clone() for k, v in state.items()}
+        flat_key = next(k for k in s if k.endswith(key))
+        s[flat_key].view(-1)[0] = value
+        f[name] = d / f"{name}.pt"
+        torch.save(s, f[name])
+    rng = np.random.default_rng(0)
+    f["npz"] = d / "ok.npz"
+    np.savez(f["npz"], x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y=np.arange(20) % 10)
+    bad_npz = {"grey": dict(x=np.zeros((4, 32, 32), np.uint8), y=np.zeros(4, int)),
+               "float": dict(x=np.zeros((4, 32, 32, 3), np.float32), y=np.zeros(4, int)),
+               "chw": dict(x=np.zeros((4, 3, 32, 32), np.uint8), y=np.zeros(4, int)),
+               "noy": dict(x=np.zeros((4, 32, 32, 3), np.uint8)),
+               "labels": dict(x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 1, 12, 3])),
+               "neglabel": dict(x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, -1, 2, 3])),
+               "empty": dict(x=np.zeros((0, 32, 32, 3), np.uint8), y=np.zeros(0, int)),
+               "small": dict(x=np.zeros((4, 2, 2, 3), np.uint8), y=np.zeros(4, int)),
+               "count": dict(x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(3, int))}
+    for name, arrays in bad_npz.items():
+        f[name] = d / f"{name}.npz"
+        np.savez(f[name], **arrays)
+    f["notnpz"] = d / "text.npz"
+    f["notnpz"].write_text("not a zip")
+    f["flat"] = d / "flat"  # images, no class folders
+    f["flat"].mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(f["flat"] / "a.png")
+    f["photos"] = d / "photos"
+    for k in range(10):
+        (f["photos"] / f"c{k}").mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 20 * k, np.uint8)).save(f["photos"] / f"c{k}" / "a.png")
+    (f["photos"] / "c3" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    f["nine"] = d / "nine"
+    for k in range(9):
+        (f["nine"] / f"c{k}").mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(f["nine"] / f"c{k}" / "a.png")
+    fac = d / "factories"
+    fac.mkdir()
+    for name, text in {"syntax": "def build(:\n    pass\n", "badimport": "import no_such_pkg_xyz\n",
+                       "raises": "def build():\n    raise RuntimeError('boom')\n",
+                       "notmodule": "def build():\n    return 3\n",
+                       "noinfo": "import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), "
+                                 "torch.nn.BatchNorm2d(4))\n",
+                       "nobn": "import torch\nfrom texq import ModelInfo\ndef build():\n    m = torch.nn.Conv2d(3, 4, 3)\n"
+                               "    m.texq_info = ModelInfo('x', 10, 32, (0, 0, 0), (1, 1, 1))\n    return m\n",
+                       "args": "def build(depth):\n    pass\n"}.items():
+        (fac / f"{name}.py").write_text(text)
+    f["fac"] = fac
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(profile="tiny", model="resnet8_cifar10", checkpoint=str(f["ckpt"]), pretrained=False,
+                  data=str(f["npz"]))
+    for name, edit in {"p_neg_lr": lambda p: p["finetune"].update(lr=-0.1),
+                       "p_nan": lambda p: p["finetune"].update(alpha6=float("nan")),
+                       "p_unknown": lambda p: p["finetune"].update(alpha7=1),
+                       "p_epochs0": lambda p: p["finetune"].update(epochs=0),
+                       "p_bits": lambda p: p.update(w_bits=5.5),
+                       "p_ok": lambda p: None}.items():
+        q = yaml.safe_load(yaml.safe_dump(params))
+        edit(q)
+        f[name] = d / f"{name}.yaml"
+        f[name].write_text(yaml.safe_dump(q))
+    f["p_dup"] = d / "p_dup.yaml"
+    f["p_dup"].write_text(f["p_ok"].read_text() + "seed: 3\n")
+    f["p_syntax"] = d / "p_syntax.yaml"
+    f["p_syntax"].write_text("finetune: [unclosed\n")
+    f["p_list"] = d / "p_list.yaml"
+    f["p_list"].write_text("- 1\n- 2\n")
+    f["notdb"] = d / "notdb.db"
+    f["notdb"].write_text("hello")
+    f["afile"] = d / "afile.txt"
+    f["afile"].write_text("a file")
+    return f
+
+
+def cases(f: dict, d: Path, run_dir: Path) -> list[tuple[str, list, str, dict]]:
+    """(name, argv, expected text in the line, extra environment)."""
+    r8 = ["--model", "resnet8_cifar10"]
+    ev = ["eval", *r8, "--checkpoint", str(f["ckpt"]), "--no-progress"]
+    evd = [*ev, "--data", str(f["npz"])]
+    info = ["--num-classes", "10", "--input-size", "32", "--mean", "0", "0", "0", "--std", "1", "1", "1"]
+    fac = lambda name: ["eval", "--model", f"{name}:build", *info, "--data", str(f["npz"]), "--no-progress"]  # noqa: E731
+    run = ["run", *r8, "--checkpoint", str(f["ckpt"]), "--data", str(f["npz"]), "--profile", "tiny",
+           "--device", "cpu", "--no-progress"]
+    out_run = ["--out", str(d / "out-run")]
+    ex = ["export", str(run_dir)]
+    c = [
+        ("eval: checkpoint missing", ["eval", *r8, "--checkpoint", str(d / "gone.pt"), "--data", str(f["npz"])], "not found", {}),
+        ("eval: checkpoint truncated", ["eval", *r8, "--checkpoint", str(f["trunc"]), "--data", str(f["npz"])], "truncated", {}),
+        ("eval: checkpoint of random bytes", ["eval", *r8, "--checkpoint", str(f["random"]), "--data", str(f["npz"])], "random.pt", {}),
+        ("eval: checkpoint with pickled code", ["eval", *r8, "--checkpoint", str(f["pickled"]), "--data", str(f["npz"])], "weights_only", {}),
+        ("eval: checkpoint of another architecture", ["eval", *r8, "--checkpoint", str(f["other"]), "--data", str(f["npz"])], "does not fit", {}),
+        ("eval: checkpoint with another class count", ["eval", *r8, "--checkpoint", str(f["classes"]), "--data", str(f["npz"])], "class", {}),
+        ("eval: a NaN weight", ["eval", *r8, "--checkpoint", str(f["nan"]), "--data", str(f["npz"])], "non-finite", {}),
+        ("eval: an infinite weight", ["eval", *r8, "--checkpoint", str(f["inf"]), "--data", str(f["npz"])], "non-finite", {}),
+        ("eval: a negative running variance", ["eval", *r8, "--checkpoint", str(f["negvar"]), "--data", str(f["npz"])], "negative running variance", {}),
+        ("eval: a NaN running variance", ["eval", *r8, "--checkpoint", str(f["nanvar"]), "--data", str(f["npz"])], "running_var", {}),
+        ("eval: no weights given", ["eval", *r8, "--data", str(f["npz"])], "--checkpoint", {}),
+        ("eval: unknown model", ["eval", "--model", "resnet21_cifar10", "--checkpoint", str(f["ckpt"]), "--data", str(f["npz"])], "resnet21", {}),
+        *[(f"eval: .npz {k}", [*ev, "--data", str(f[k])], f[k].name, {})
+          for k in ("grey", "float", "chw", "noy", "labels", "neglabel", "empty", "small", "count", "notnpz")],
+        ("eval: image folder without class folders", [*ev, "--data", str(f["flat"])], "class", {}),
+        ("eval: image folder with 9 classes", [*ev, "--data", str(f["nine"])], "9 class folders", {}),
+        ("eval: a corrupt image in a folder", [*ev, "--data", str(f["photos"])], "bad.jpg: not a readable image", {}),
+        ("eval: data not found", [*ev, "--data", str(d / "none.npz")], "not found", {}),
+        ("eval: data of another kind", [*ev, "--data", str(f["afile"])], "afile.txt", {}),
+        ("eval: w_bits 9", [*evd, "--w-bits", "9"], "w_bits=9", {}),
+        ("eval: a_bits 1", [*evd, "--a-bits", "1"], "a_bits=1", {}),
+        ("eval: first layer bits 40", [*evd, "--first-layer-bits", "40"], "first_layer_bits=40", {}),
+        ("eval: batch size 0", [*evd, "--batch-size", "0"], "--batch-size", {}),
+        ("eval: batch size -3", [*evd, "--batch-size", "-3"], "--batch-size", {}),
+        ("eval: workers -1", [*evd, "--workers", "-1"], "--workers", {}),
+        ("eval: calibration batches 0", [*evd, "--calib-batches", "0"], "--calib-batches", {}),
+        ("eval: seed -1", [*evd, "--seed", "-1"], "--seed", {}),
+        ("eval: --out is a folder", [*evd, "--out", str(d)], "is a folder", {}),
+        ("eval: --out under a file", [*evd, "--out", str(f["afile"] / "r.json")], "is a file", {}),
+        ("eval: factory with a syntax error", fac("syntax"), "SyntaxError", {}),
+        ("eval: factory with a failing import", fac("badimport"), "no_such_pkg_xyz", {}),
+        ("eval: factory that raises", fac("raises"), "RuntimeError: boom", {}),
+        ("eval: factory that returns no module", fac("notmodule"), "returned int", {}),
+        ("eval: factory without BatchNorm", ["run", "--model", "nobn:build", "--data", str(f["npz"]), "--profile", "tiny", *out_run], "BatchNorm", {}),
+        ("eval: factory needing arguments", fac("args"), "without arguments", {}),
+        ("eval: factory not found", fac("no_such_module"), "no module named", {}),
+        ("eval: factory without texq_info", ["eval", "--model", "noinfo:build", "--data", str(f["npz"])], "texq_info", {}),
+        ("eval: --num-classes 0", [*fac("noinfo")[:-1], "--num-classes", "0"], "--num-classes", {}),
+        ("run: finetune.lr=-0.1", [*run, *out_run, "--set", "finetune.lr=-0.1"], "positive", {}),
+        ("run: finetune.lr=inf", [*run, *out_run, "--set", "finetune.lr=.inf"], "finite", {}),
+        ("run: finetune.lr=abc", [*run, *out_run, "--set", "finetune.lr=abc"], "finetune.lr='abc'", {}),
+        ("run: finetune.epochs=0", [*run, *out_run, "--set", "finetune.epochs=0"], "finetune.epochs=0", {}),
+        ("run: finetune.batch_size=0", [*run, *out_run, "--set", "finetune.batch_size=0"], "batch_size=0", {}),
+        ("run: calibration.iters=-1", [*run, *out_run, "--set", "calibration.iters=-1"], "iters=-1", {}),
+        ("run: calibration.warmup_iters > iters", [*run, *out_run, "--set", "calibration.warmup_iters=99"], "warmup_iters", {}),
+        ("run: kd_temperature=0", [*run, *out_run, "--set", "finetune.kd_temperature=0"], "kd_temperature", {}),
+        ("run: mixup_p=2", [*run, *out_run, "--set", "finetune.mixup_p=2"], "mixup_p", {}),
+        ("run: crop scale [0, 1]", [*run, *out_run, "--set", "finetune.calib_crop_scale=[0, 1]"], "calib_crop_scale", {}),
+        ("run: crop scale reversed", [*run, *out_run, "--set", "finetune.calib_crop_scale=[0.9, 0.5]"], "smaller crop area first", {}),
+        ("run: act_calib_epochs > warmup", [*run, *out_run, "--set", "finetune.act_calib_epochs=9"], "act_calib_epochs", {}),
+        ("run: generator.beta1=1", [*run, *out_run, "--set", "generator.beta1=1"], "beta1", {}),
+        ("run: laws.k=20", [*run, *out_run, "--set", "calibration.laws.k=20"], "laws.k=20", {}),
+        ("run: quant.act_momentum=1", [*run, *out_run, "--set", "quant.act_momentum=1"], "act_momentum", {}),
+        ("run: unknown key", [*run, *out_run, "--set", "finetune.alpha7=1"], "alpha7", {}),
+        ("run: --set without =", [*run, *out_run, "--set", "finetune.lr"], "KEY=VALUE", {}),
+        ("run: seed -1", [*run, *out_run, "--seed", "-1"], "seed=-1", {}),
+        ("run: method unknown", [*run, *out_run, "--method", "foo"], "--method", {}),
+        ("run: method real without train_data", [*run, *out_run, "--method", "real"], "train_data", {}),
+        ("run: training data = test data", [*run, *out_run, "--method", "real", "--train-data", str(f["npz"])], "test images", {}),
+        ("run: --out is a file", [*run, "--out", str(f["afile"])], "is a file", {}),
+        ("run: --out where nothing can be made", [*run, "--out", "/proc/texq-run"], "/proc/texq-run", {}),
+        ("run: folder of another configuration", [*run, "--out", str(run_dir), "--seed", "5"], "seed 0 there vs 5 now", {}),
+        ("run: folder with an unreadable config.json", [*run, "--out", str(d / "badcfg")], "config.json: not valid JSON", {}),
+        ("run: a busy folder", [*run, "--out", str(d / "busy")], "is in use by process", {}),
+        ("run: finished folder, qmodel.pt damaged", [*run, "--out", str(d / "dmg-q")], "qmodel.pt: damaged", {}),
+        ("run: finished folder, generator.pt truncated", [*run, "--out", str(d / "dmg-g")], "generator.pt: damaged", {}),
+        ("run: finished folder, step1.pt truncated", [*run, "--out", str(d / "dmg-s")], "step1.pt: damaged", {}),
+        ("run: finished folder, metrics.json not JSON", [*run, "--out", str(d / "dmg-m")], "metrics.json", {}),
+        ("export: no such folder", ["export", str(d / "none"), "--onnx", str(d / "x.onnx")], "not found", {}),
+        ("export: folder without a model", ["export", str(d), "--onnx", str(d / "x.onnx")], "qmodel.pt not found", {}),
+        ("export: damaged model", ["export", str(d / "dmg-q"), "--onnx", str(d / "x.onnx")], "qmodel.pt: damaged", {}),
+        ("export: --check-images 0", [*ex, "--onnx", str(d / "x.onnx"), "--check-images", "0"], "--check-images", {}),
+        ("export: --onnx is a folder", [*ex, "--onnx", str(d)], "is a folder", {}),
+        ("export: bad check data", [*ex, "--onnx", str(d / "x.onnx"), "--check-data", str(f["grey"])], "grey.npz", {}),
+        *[(f"stage: params {k[2:]}", ["stage", "teacher", "--params", str(f[k]), "--out", str(d / "out-stage")], w, {})
+          for k, w in (("p_neg_lr", "finetune.lr=-0.1"), ("p_nan", "finite"), ("p_unknown", "alpha7"),
+                       ("p_epochs0", "epochs=0"), ("p_bits", "w_bits=5.5"), ("p_dup", "given twice"),
+                       ("p_syntax", "not valid YAML"), ("p_list", "mapping"))],
+        ("stage: params file missing", ["stage", "teacher", "--params", str(d / "none.yaml")], "not found", {}),
+        ("compare: a store that is not a database", ["compare"], "cannot be read", {"MLFLOW_TRACKING_URI": f"sqlite:///{f['notdb']}"}),
+        ("compare: a server that does not answer", ["compare"], "http://127.0.0.1:9", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+                                                                                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}),
+    ]
+    return c
+
+
+def snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*") if p.is_file()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--keep", help="work in this folder and keep it")
+    p.add_argument("--only", help="run only the cases whose name holds this text")
+    args = p.parse_args()
+    d = Path(args.keep or tempfile.mkdtemp(prefix="texq-bad-"))
+    d.mkdir(parents=True, exist_ok=True)
+    f = files(d)
+    env = dict(os.environ, PYTHONPATH=f"{f['fac']}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    texq = [sys.executable, "-m", "texq.cli"]
+    run_dir = d / "finished"  # a finished tiny run, then damaged copies of it
+    done = subprocess.run([*texq, "run", "--model", "resnet8_cifar10", "--checkpoint", str(f["ckpt"]), "--data",
+                           str(f["npz"]), "--profile", "tiny", "--device", "cpu", "--no-progress", "--out", str(run_dir)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name, damage in (("dmg-q", "train/qmodel.pt"), ("dmg-g", "train/generator.pt"), ("dmg-s", "step1.pt"),
+                         ("dmg-m", "metrics.json")):
+        shutil.copytree(run_dir, d / name)
+        target = d / name / damage
+        if damage == "train/qmodel.pt":
+            data = bytearray(target.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            target.write_bytes(bytes(data))
+        else:
+            target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    (d / "badcfg").mkdir()
+    (d / "badcfg" / "config.json").write_text("{not json")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom texq.util.lock import folder_lock\n"
+                               "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(3600)\n",
+                               str(d / "busy")], stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline().strip() == "held"
+    rows, failed = [], 0
+    try:
+        for name, argv, needle, extra in cases(f, d, run_dir):
+            if args.only and args.only not in name:
+                continue
+            before = snapshot(d)
+            t0 = time.time()
+            proc = subprocess.run([*texq, *argv], env={**env, **extra}, capture_output=True, text=True,
+                                  cwd=d, timeout=600)
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("texq: error:")]
+            after = snapshot(d)
+            written = sorted(set(after) - set(before)) + sorted(k for k in before if k in after and after[k] != before[k])
+            written = [w for w in written if not w.endswith(("__pycache__", ".pyc")) and "__pycache__" not in w]
+            ok = (proc.returncode == 2 and len(lines) == 1 and needle in lines[0]
+                  and "Traceback" not in proc.stderr and not written)
+            failed += not ok
+            rows.append((name, proc.returncode, len(lines), ok, time.time() - t0,
+                         lines[0] if lines else proc.stderr.strip().splitlines()[-1:], written))
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: exit {proc.returncode}, {len(lines)} line(s) "
+                  f"{'' if ok else proc.stderr[-600:]} {written if written else ''}\n     {lines[0] if lines else ''}",
+                  flush=True)
+    finally:
+        holder.kill()
+        holder.wait()
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+    print(f"\n{len(rows) - failed} of {len(rows)} cases: exit 2, one line, no traceback, nothing written")
+    print(json.dumps({"cases": len(rows), "ok": len(rows) - failed, "failed": [r[0] for r in rows if not r[3]]}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
