@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     from flows.tracking import Orphaned, Terminated, run_tracked_stage
 
     flow_pid = int(os.environ.get(FLOW_PID_ENV) or 0)
-    orphaned = threading.Event()
+    orphaned, stopping = threading.Event(), threading.Event()
 
     def stop(signum, frame):  # Prefect cancels a flow run with SIGTERM to its process group
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the run's end is recorded uninterrupted
+        stopping.set()
         if orphaned.is_set():
             raise Orphaned(f"stopped: its flow run's process {flow_pid} is gone")
         raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.SIGTERM
 
         def gone() -> None:
-            orphaned.set()
-            os.kill(os.getpid(), signal.SIGTERM)
+            if not stopping.is_set():  # a stop already under way (SIGTERM) is not interrupted
+                orphaned.set()
+                os.kill(os.getpid(), signal.SIGTERM)
 
         watch(flow_pid, gone)
 
