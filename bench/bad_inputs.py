@@ -199,7 +199,7 @@ def cases(f: dict, d: Path, run_dir: Path) -> list[tuple[str, list, str, dict]]:
         ("run: training data = test data", [*run, *out_run, "--method", "real", "--train-data", str(f["npz"])], "test images", {}),
         ("run: --out is a file", [*run, "--out", str(f["afile"])], "is a file", {}),
         ("run: --out where nothing can be made", [*run, "--out", "/proc/texq-run"], "/proc/texq-run", {}),
-        ("run: folder of another configuration", [*run, "--out", str(run_dir), "--seed", "5"], "seed 0 there vs 5 now", {}),
+        ("run: folder of another configuration", [*run, "--out", str(run_dir), "--seed", "5"], "(seed 0 vs 5)", {}),
         ("run: folder with an unreadable config.json", [*run, "--out", str(d / "badcfg")], "config.json: not valid JSON", {}),
         ("run: a busy folder", [*run, "--out", str(d / "busy")], "is in use by process", {}),
         ("run: finished folder, qmodel.pt damaged", [*run, "--out", str(d / "dmg-q")], "qmodel.pt: damaged", {}),

@@ -21,6 +21,7 @@ from typing import Iterator
 from flows import ROOT
 from flows.logged_model import log_quantized_model
 from flows.store import client, experiment_id, experiment_name, safe_name
+from texq.util.io import file_digest
 
 KEY_TAG = "texq.pipeline_key"
 FLOW_END_TAG = "texq.flow_run_end"  # the Prefect state that ended a flow run's MLflow runs
@@ -162,7 +163,7 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
         # which trained model was scored: a rerun of evaluate alone is not another result
         summary = json.loads(layout.summary.read_text())
         c.set_tag(run_id, TRAINED_TAG, summary["fingerprint"])
-        c.set_tag(run_id, METRICS_TAG, file_sha256(layout.metrics))
+        c.set_tag(run_id, METRICS_TAG, file_digest(layout.metrics))
         if cfg is not None:
             for path in run_pictures(layout, cfg):
                 c.log_artifact(run_id, str(path), "figures")
@@ -175,12 +176,6 @@ def _log_metrics(c, run_id: str, metrics: list) -> None:
         c.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
-def file_sha256(path: str | Path) -> str:
-    from texq.util.io import file_digest
-
-    return file_digest(path)
-
-
 def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
     """The evaluation set as the run's dataset input (the runs table's Dataset column): its spec
     as name and source, a digest of the file's bytes where the spec is a file (else of the spec
@@ -189,7 +184,7 @@ def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
 
     path = Path(data)
     if path.is_file():
-        digest = file_sha256(path)
+        digest = file_digest(path)
     else:
         digest = hashlib.sha256(f"{data}\0{n}".encode()).hexdigest()
     ds = Dataset(name=path.name if path.is_file() else data, digest=digest[:16],
@@ -242,7 +237,7 @@ def result_run_id(flow_run_id: str, metrics: Path) -> str | None:
     if exp is None:
         return None
     for query in (f"tags.`prefect_flow_run_id` = '{flow_run_id}'" if flow_run_id else None,
-                  f"tags.`{METRICS_TAG}` = '{file_sha256(metrics)}' and attributes.status = 'FINISHED'"):
+                  f"tags.`{METRICS_TAG}` = '{file_digest(metrics)}' and attributes.status = 'FINISHED'"):
         if query:
             runs = c.search_runs([exp.experiment_id], query, max_results=1,
                                  order_by=["attributes.start_time DESC"])

@@ -47,12 +47,11 @@ def _prepare_out(layout: Layout, cfg: RunConfig, model: dict) -> None:
     if layout.config.exists():
         old = read_json(layout.config)
         if old.get("fingerprint") != fp:
-            before, now = leaves(old.get("config") or {}), leaves(json.loads(json.dumps(cfg.to_dict())))
-            differ = [f"{k} {before.get(k, '(absent)')!r} there vs {now.get(k, '(absent)')!r} now"
-                      for k in sorted(before.keys() | now.keys())
-                      if k not in SPEED_ONLY and before.get(k, "(absent)") != now.get(k, "(absent)")]
+            before, now = (leaves(c) for c in (old.get("config") or {}, json.loads(json.dumps(cfg.to_dict()))))
+            for key in SPEED_ONLY:  # not part of the fingerprint
+                before.pop(key, None), now.pop(key, None)
             raise ConfigError(f"{layout.root} holds a run with another configuration "
-                              f"({'; '.join(differ) or 'fingerprint ' + str(old.get('fingerprint'))}): "
+                              f"({_difference(before, now) or 'fingerprint ' + str(old.get('fingerprint'))}): "
                               f"use another --out or delete it")
         now = json.loads(json.dumps(model))  # as config.json holds it (tuples as lists)
         before = old.get("model", now)  # runs of texq 0.1 recorded no model
