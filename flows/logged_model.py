@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.store import safe_name, tracking_uri
+from flows.store import client_uri, safe_name
 
 
 def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool, scores: dict) -> str:
@@ -32,7 +32,7 @@ def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool, scores:
         y = q(torch.from_numpy(x)).numpy()
     name = (f"texq-{safe_name(cfg.model, keep='_-.', sub='-')}-w{cfg.w_bits}a{cfg.a_bits}"  # a factory's ':'
             if register else None)
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(client_uri())
     with mlflow.start_run(run_id=run_id):  # mlflow.pytorch logs into the active run only
         info = mlflow.pytorch.log_model(
             q, name="quantized_model", signature=infer_signature(x, y), input_example=x,

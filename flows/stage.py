@@ -7,7 +7,9 @@ context from its environment: ``TEXQ_PARENT_RUN_ID`` (the grid's MLflow run), ``
 that process is gone (its worker or machine lost, Prefect: Crashed), the stage stops too and its
 MLflow run ends FAILED, so that no orphan trains on unwatched or leaves a run RUNNING. The last stdout line is the stage's JSON result; errors are one line on
 stderr and a non-zero exit, and mark the MLflow run FAILED; SIGTERM (Prefect cancelling the flow run)
-marks it KILLED.
+marks it KILLED. The store is a bookkeeper, never a precondition (``flows.tracking.tracked_stage``):
+a store that does not answer leaves the stage running unrecorded, and a stage whose work is done
+succeeds whatever the store does; what it could not record is recorded by ``texq track sync``.
 """
 
 from __future__ import annotations

@@ -52,18 +52,47 @@ def unreadable_store(exc: Exception):
     return TexqError(f"the MLflow store at {tracking_uri()} cannot be read: {text[:300]}")
 
 
+WAIT_ENV = "TEXQ_TRACKING_WAIT"  # seconds a call waits out a locked SQLite store (default 60)
+# MLflow's own retries of a tracking server's calls (connection refused, 5xx, timeouts), with
+# exponential backoff: texq's defaults wait out a server restart of about a minute and then give
+# up, so that a stage is not held for MLflow's default of about four minutes per call
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def client_uri() -> str:
+    """The URI clients connect to: :func:`tracking_uri`, a SQLite store with a busy timeout
+    (``$TEXQ_TRACKING_WAIT`` seconds; SQLite's own default, 5 s, fails a call as soon as another
+    process holds a long write) unless the URI sets one."""
+    from texq.util.errors import ConfigError
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:") and "?" not in uri:
+        text = os.environ.get(WAIT_ENV) or "60"
+        try:
+            wait = float(text)
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait < float("inf"):
+            raise ConfigError(f"{WAIT_ENV}={text!r}: expected seconds, a number >= 0")
+        return f"{uri}?timeout={wait:g}"
+    return uri
+
+
 def client():
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri())
+    return MlflowClient(client_uri())
 
 
 def artifact_location() -> str | None:
     """Beside a sqlite store, an absolute ``mlartifacts/`` folder (MLflow's default is ``./mlruns``
     relative to the working directory, lost when DVC runs a stage in a temporary copy); a tracking
     server decides for itself."""
-    uri = tracking_uri()
+    uri = tracking_uri().split("?")[0]
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return None

@@ -11,7 +11,7 @@ Prefect's worker threads).
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import subprocess
 from contextlib import contextmanager
@@ -19,14 +19,27 @@ from pathlib import Path
 from typing import Iterator
 
 from flows import ROOT
-from flows.logged_model import log_quantized_model
-from flows.store import client, experiment_id, experiment_name, safe_name
+from flows.record import (
+    METRICS_TAG,
+    TRAINED_TAG,
+    failure_line,
+    forget_unrecorded,
+    note_unrecorded,
+    quiet_store,
+    record_stage,
+    tracking_error,
+    unrecorded,
+)
+from flows.store import client, experiment_id, experiment_name, tracking_uri
 from texq.util.io import file_digest
 
+__all__ = ["TRAINED_TAG", "METRICS_TAG"]  # re-exported: flows.compare reads them from here
 KEY_TAG = "texq.pipeline_key"
 FLOW_END_TAG = "texq.flow_run_end"  # the Prefect state that ended a flow run's MLflow runs
-TRAINED_TAG = "texq.trained_fingerprint"
-METRICS_TAG = "texq.metrics_sha256"  # which metrics.json a run logged (a restored stage finds it)
+STAGE_TAG = "texq.stage"  # "<stage> running" while a stage process works in the run, then "<stage> done"
+PID_TAG = "texq.stage_pid"  # that process (with texq.host: where), for texq track reconcile
+OUT_TAG = "texq.out"  # the folder the stages write (on texq.host), for texq track reconcile
+RESUMED_TAG = "texq.resumed"  # how often the run was reopened by a later session of the same pipeline run
 RUN_NAME_ENV = "TEXQ_RUN_NAME"  # a grid child's name: its combination (flows.pipeline)
 
 
@@ -77,16 +90,27 @@ def flat_params(cfg) -> dict[str, str]:
 
 
 def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
-                       flow_run_id: str = "") -> str:
-    """The RUNNING MLflow run of this pipeline run, or a new one with its params and tags."""
+                       flow_run_id: str = "", key: str | None = None) -> str:
+    """The RUNNING MLflow run of this pipeline run (``key``: by default the params file's, with
+    the commit and parent), else the one an earlier session of it left stopped (reopened), else a
+    new one with its params and tags."""
     from mlflow.entities import Param, RunTag
 
-    key = pipeline_key(params_file, parent_run_id)
+    key = key or pipeline_key(params_file, parent_run_id)
     exp = experiment_id(c)
     found = c.search_runs([exp], f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
                           max_results=1)
     if found:
         return found[0].info.run_id
+    # an earlier session of this very pipeline run (same flow run, or none: dvc repro) that was
+    # stopped or failed: the session that resumes its work continues its record
+    for run in c.search_runs([exp], f"tags.`{KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'",
+                             max_results=20, order_by=["attributes.start_time DESC"]):
+        tags = run.data.tags
+        if tags.get("prefect_flow_run_id", "") == flow_run_id and FLOW_END_TAG not in tags:
+            c.update_run(run.info.run_id, "RUNNING")
+            c.set_tag(run.info.run_id, RESUMED_TAG, str(int(tags.get(RESUMED_TAG, "0")) + 1))
+            return run.info.run_id
     if flow_run_id:  # a stage of a flow run already ended (its process died) opens no new run
         runs = c.search_runs([exp], f"tags.`prefect_flow_run_id` = '{flow_run_id}'", max_results=100)
         ended = [r.data.tags[FLOW_END_TAG] for r in runs if FLOW_END_TAG in r.data.tags]
@@ -112,87 +136,6 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
     return run.info.run_id
 
 
-def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool = False) -> None:
-    """What a finished stage adds to the run: metrics (batched), artifacts and, after
-    ``evaluate``, the run's pictures (``texq.run.figures.run_pictures``, also in ``out/figures``)."""
-    import time
-
-    from mlflow.entities import Metric
-
-    from texq.run.figures import loss_curves, read_history, run_pictures
-    from texq.run.layout import Layout
-
-    layout = Layout(out)
-
-    now = int(time.time() * 1000)
-    metrics: list = []
-    if stage == "teacher":
-        r = json.loads(layout.teacher.read_text())
-        metrics.append(Metric("fp_top1", r["top1"], now, 0))
-        c.log_artifact(run_id, str(layout.teacher))
-    elif stage == "train":
-        # ZeroQ trains nothing: no history.jsonl, no generator
-        rows = read_history(layout.history) if layout.history.exists() else []
-        for row in rows:  # step = the epoch counted from 1: step 0 holds the run's scores alone
-            metrics += [Metric(k, float(v), now, int(row["epoch"]) + 1) for k, v in row.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
-        for path in (layout.summary, layout.history, layout.qmodel):
-            if path.exists():
-                c.log_artifact(run_id, str(path), "train")
-        if rows:
-            c.log_figure(run_id, loss_curves(rows), "train/loss_curves.png")
-    elif stage == "evaluate":
-        r = json.loads(layout.metrics.read_text())
-        for k in ("top1", "top5", "correct", "n", "fp_top1", "train_seconds"):
-            metrics.append(Metric(k, float(r[k]), now, 0))
-        low, high = r["top1_ci95"]  # a 95% interval is two numbers: two metrics
-        metrics += [Metric("top1_ci95_low", float(low), now, 0), Metric("top1_ci95_high", float(high), now, 0)]
-        log_eval_dataset(c, run_id, r["data"], int(r["n"]))
-        for group in ("texture", "texture_generated"):
-            for k, v in (r.get(group) or {}).items():
-                metrics.append(Metric(f"{group}.{k}", float(v), now, 0))
-        per_class = r.get("per_class_top1") or []
-        names = r["class_names"]  # the evaluate stage's: names, else indices
-        if len(per_class) <= 100:  # ImageNet's 1000 stay in the metrics.json artifact
-            metrics += [Metric(f"class_top1.{safe_name(n)}", v, now, 0) for n, v in zip(names, per_class)
-                        if v is not None]
-        # the scores first: the logged model takes the run's metrics at its step (0) when logged
-        _log_metrics(c, run_id, metrics)
-        metrics = []
-        c.log_artifact(run_id, str(layout.metrics))
-        # which trained model was scored: a rerun of evaluate alone is not another result
-        summary = json.loads(layout.summary.read_text())
-        c.set_tag(run_id, TRAINED_TAG, summary["fingerprint"])
-        c.set_tag(run_id, METRICS_TAG, file_digest(layout.metrics))
-        if cfg is not None:
-            for path in run_pictures(layout, cfg):
-                c.log_artifact(run_id, str(path), "figures")
-            log_quantized_model(c, run_id, layout.qmodel, cfg, register, r)
-    _log_metrics(c, run_id, metrics)
-
-
-def _log_metrics(c, run_id: str, metrics: list) -> None:
-    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-        c.log_batch(run_id, metrics=metrics[i:i + 1000])
-
-
-def log_eval_dataset(c, run_id: str, data: str, n: int) -> None:
-    """The evaluation set as the run's dataset input (the runs table's Dataset column): its spec
-    as name and source, a digest of the file's bytes where the spec is a file (else of the spec
-    and its size), context 'evaluation'."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    path = Path(data)
-    if path.is_file():
-        digest = file_digest(path)
-    else:
-        digest = hashlib.sha256(f"{data}\0{n}".encode()).hexdigest()
-    ds = Dataset(name=path.name if path.is_file() else data, digest=digest[:16],
-                 source_type="local" if path.is_file() else "texq", source=data,
-                 profile=json.dumps({"num_rows": n}))
-    c.log_inputs(run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", "evaluation")])])
-
-
 class Terminated(BaseException):
     """The stage process was asked to stop (SIGTERM: Prefect cancelling its flow run, a worker
     or host shutting down); its run ends KILLED, not FAILED."""
@@ -211,21 +154,86 @@ def end_state(exc: BaseException) -> str:
     return "KILLED" if isinstance(exc, (Terminated, KeyboardInterrupt)) else "FAILED"
 
 
+def _say(text: str) -> None:
+    import sys
+
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:  # the reader (dvc, the flow run) is gone
+        pass
+
+
 @contextmanager
 def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_run_id: str = "",
-                  flow_run_id: str = "", register: bool = False) -> Iterator[str]:
+                  flow_run_id: str = "", register: bool = False) -> Iterator[str | None]:
     """Run a stage inside its pipeline run's MLflow run (FAILED on error, KILLED when stopped,
-    FINISHED after ``evaluate``)."""
-    c = client()
-    run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
+    FINISHED after ``evaluate``). The store is a bookkeeper, never a precondition: when it cannot
+    be reached the stage runs unrecorded (it yields None), and once the stage's work is done no
+    failure of the store fails it; what was not recorded is noted (``flows.record``) and recorded
+    by the next stage of the run or ``texq track sync``."""
+    with quiet_store():
+        yield from _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, register)
+
+
+def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, register):
+    out, key = Path(out), pipeline_key(params_file, parent_run_id)
+    c, run_id = client(), None
+    try:
+        run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
+        _begin(c, run_id, stage, out)
+        _catch_up(c, run_id, key, out, cfg, register)
+    except Exception as exc:
+        if not tracking_error(exc):
+            raise  # texq's refusals (a store moved from another checkout) stop the stage before its work
+        _say(f"texq: the MLflow store at {tracking_uri()} did not answer ({failure_line(exc)}): stage "
+             f"{stage} runs, and records its results when the store is back (texq track sync {out})")
+        run_id = None
     try:
         yield run_id
-        log_outputs(c, run_id, stage, Path(out), cfg, register)
     except BaseException as exc:
-        c.set_terminated(run_id, end_state(exc))
+        if run_id is not None:
+            try:
+                c.set_terminated(run_id, end_state(exc))
+                c.set_tag(run_id, STAGE_TAG, f"{stage} stopped")
+            except Exception as err:  # the stage's own error is the one to report
+                _say(f"texq: the MLflow store at {tracking_uri()} did not take run {run_id}'s end "
+                     f"({failure_line(err)}); texq track reconcile ends it")
         raise
-    if stage == "evaluate":
-        c.set_terminated(run_id, "FINISHED")
+    # the work is done and its outputs are written: nothing below fails the stage
+    try:
+        if run_id is None:
+            run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
+            _catch_up(c, run_id, key, out, cfg, register)
+        record_stage(c, run_id, stage, out, cfg, register)
+        c.set_tag(run_id, STAGE_TAG, f"{stage} done")
+        if stage == "evaluate":
+            c.set_terminated(run_id, "FINISHED")
+    except Exception as exc:
+        noted = note_unrecorded(out, stage, key, run_id, exc)
+        _say(f"texq: stage {stage} finished and its outputs are kept in {out}, but the MLflow store at "
+             f"{tracking_uri()} did not record them ({failure_line(exc)}); "
+             + (f"texq track sync {out} records them" if noted else
+                f"noting that failed too: run texq track sync {out} once the store is back"))
+        if not tracking_error(exc):  # not the store's: a bug of the recording, shown whole
+            logging.getLogger("texq").exception("recording stage %s", stage)
+
+
+def _begin(c, run_id: str, stage: str, out: Path) -> None:
+    """Mark the run as worked on by this process (texq track reconcile reads the marks)."""
+    from mlflow.entities import RunTag
+
+    c.log_batch(run_id, tags=[RunTag(STAGE_TAG, f"{stage} running"), RunTag(PID_TAG, str(os.getpid())),
+                              RunTag(OUT_TAG, str(out.resolve()))])
+
+
+def _catch_up(c, run_id: str, key: str, out: Path, cfg, register: bool) -> None:
+    """Record the stages of this pipeline run that an earlier stage could not record."""
+    stages = [e["stage"] for e in unrecorded(out, key)]
+    for stage in stages:
+        record_stage(c, run_id, stage, out, cfg, register)
+    if stages:
+        forget_unrecorded(out, stages, key)
+        _say(f"texq: recorded stage(s) {', '.join(stages)} left unrecorded earlier into run {run_id}")
 
 
 def result_run_id(flow_run_id: str, metrics: Path) -> str | None:

@@ -348,3 +348,36 @@ def test_compare_table_groups_seeds_against_statistics():
     gdfq = {**base, "method": "gdfq", "laws": "None", "layered_bns": "None", "mkd": "False"}
     md = to_markdown(compare_table(pd.DataFrame([{**gdfq, "seed": "0", "top1": 80.0, "run_id": "g"}])))
     assert "| gdfq | W4A4 | n/a | n/a | False | quick | 80.00 | 1 | 0 |" in md  # switches as applied
+
+
+def test_a_train_stage_rerun_before_evaluate_trains_nothing_again(staged, tiny_params, tmp_path, monkeypatch):
+    """DVC removes a stage's outputs before it reruns one (e.g. after its recording failed): the
+    final checkpoint, kept until evaluate has scored train/, gives the same outputs back without
+    a single training step; evaluate then removes it."""
+    from texq.method.finetune import Finetuner
+    from texq.models import load_quantized
+
+    out = tmp_path / "pipe"
+    out.mkdir()
+    for name in ("teacher.json", "step1.pt"):
+        shutil.copy2(staged / name, out / name)
+    config = read_config(tiny_params, "cpu")
+    run_stage("train", config, out, progress=False)
+    first = {k: v.clone() for k, v in load_quantized(out / "train" / "qmodel.pt").state_dict().items()}
+    history = (out / "train" / "history.jsonl").read_text()
+    assert list(out.glob(".work/train-*/checkpoint.pt")), "the final checkpoint is kept until evaluate"
+    shutil.rmtree(out / "train")  # as dvc repro does before it reruns a stage
+
+    def no_training(self, *args, **kwargs):
+        raise AssertionError("an epoch was trained again")
+
+    monkeypatch.setattr(Finetuner, "run_epoch", no_training)
+    run_stage("train", config, out, progress=False)
+    again = load_quantized(out / "train" / "qmodel.pt").state_dict()
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert (out / "train" / "history.jsonl").read_text() == history  # each epoch once
+    assert (out / "train" / "generator.pt").read_bytes() == (staged / "train" / "generator.pt").read_bytes()
+    run_stage("evaluate", config, out, progress=False)
+    assert not (out / ".work").exists()
+    assert json.loads((out / "metrics.json").read_text())["correct"] == \
+        json.loads((staged / "metrics.json").read_text())["correct"]

@@ -8,7 +8,9 @@ own process, over ``out/pipeline`` laid out as a ``texq run`` folder (``texq.run
 
 The same step functions as ``texq run``, with the same seeds: the same results. Outputs are written
 atomically; ``train`` checkpoints each epoch under ``<out>/.work/`` (not a DVC out) and a rerun
-after a kill resumes from there. A stage holds ``<out>``'s lock while it runs (texq.util.lock): a
+after a kill resumes from there; its final checkpoint stays until ``evaluate`` has scored ``train/``,
+so that a rerun of ``train`` whose outputs DVC removed (a failure after the stage, a lost process)
+trains nothing again. A stage holds ``<out>``'s lock while it runs (texq.util.lock): a
 second stage process on the same folder (an orphan still running, a concurrent rerun) is refused.
 """
 

@@ -48,6 +48,7 @@ def step(cfg: RunConfig, model: nn.Module, layout: Layout, progress: bool = True
     write_json(layout.per_class, [  # dvc.yaml's per-class plot: one row per class
         {"class": c, "top1": v} for c, v in zip(labels, metrics["per_class_top1"]) if v is not None])
     write_json(layout.metrics, metrics)
+    layout.clear_work()  # the run is scored: train's kept checkpoint is no longer needed
     return metrics
 
 

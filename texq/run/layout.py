@@ -7,7 +7,8 @@
                                  distilled images); {"images": None} for a method without step 1
     train/           train:      qmodel.pt (the final epoch's quantized model), generator.pt,
                                  history.jsonl (a line per epoch), summary.json; appears whole
-    .work/           train's checkpoint after each epoch (a rerun resumes from it; not an output)
+    .work/           train's checkpoint after each epoch (a rerun resumes from it; not an output),
+                     the last one kept until evaluate has scored train/
     history.json     the history as one array (dvc.yaml's loss plot)
     metrics.json     evaluate:   final scores, settings in effect, texture statistics
     per_class.json   evaluate:   per-class top-1 (dvc.yaml's per-class plot)
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,11 @@ class Layout:
     def work(self, name: str) -> Path:
         """A folder of unfinished work (checkpoints), under ``.work/``."""
         return self.root / ".work" / name
+
+    def clear_work(self) -> None:
+        """Remove ``.work/`` (checkpoints of finished or abandoned training), once the run's scores
+        are written."""
+        shutil.rmtree(self.root / ".work", ignore_errors=True)
 
     def step1_images(self):
         """Step 1's images (None for a method without step 1, or before step 1 ran)."""

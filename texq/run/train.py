@@ -1,7 +1,8 @@
 """Step ``train`` (steps 2-3, or ZeroQ's range calibration): the generator and the quantized model,
 trained epoch by epoch with a checkpoint after each under ``.work/`` (a killed run resumes), then
 ``train/`` (``qmodel.pt``, ``generator.pt``, ``history.jsonl``, ``summary.json``) written as a whole
-and ``history.json`` (dvc.yaml's loss plot)."""
+and ``history.json`` (dvc.yaml's loss plot). The final checkpoint is kept until the evaluate step
+has read ``train/``: a rerun before then writes the outputs again without training."""
 
 from __future__ import annotations
 
@@ -41,16 +42,16 @@ def step(cfg: RunConfig, model: nn.Module, layout: Layout, progress: bool = True
     tmp.mkdir()
     for name in ("history.jsonl", "generator.pt"):
         if (work / name).exists():
-            (work / name).rename(tmp / name)
+            shutil.copy2(work / name, tmp / name)
     save_quantized(tmp / "qmodel.pt", qmodel, {"method": cfg.method, "seed": cfg.seed})
     summary = {"fingerprint": fingerprint(cfg), "config": cfg.to_dict(),
                "seconds": round(prior + time.perf_counter() - start, 1)}
     write_json(tmp / "summary.json", summary)
     shutil.rmtree(layout.train, ignore_errors=True)
     tmp.rename(layout.train)  # the whole folder appears at once
-    shutil.rmtree(work, ignore_errors=True)
-    if not any(work.parent.iterdir()):  # no other unfinished work: no trace left
-        work.parent.rmdir()
+    # the final checkpoint stays until evaluate has read train/ (Layout.clear_work): a rerun of
+    # this step before then (its outputs lost after a crash, DVC removing them to rerun a stage
+    # whose recording failed) resumes after the last epoch and trains nothing again
     write_json(layout.history_plot, plot_rows(layout.history))
     return {"step": "train", "seconds": summary["seconds"]}
 
