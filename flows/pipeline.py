@@ -124,6 +124,7 @@ def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "p
         run_name: the MLflow run's name; empty: method-wXaY-sSEED-profile.
     """
     log = get_run_logger()
+    _reconcile(log)
     folder = workspace.prepare(out, merged_params(params if params is not None else base_params,
                                                   overrides or {}))
     fid = flow_run.get_id() or ""
@@ -139,6 +140,19 @@ def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "p
     _publish_result(folder, fid, result, ran)
     log.info("top-1 %.2f (%s)", result["top1"], json.dumps(overrides or {}))
     return result
+
+
+def _reconcile(log) -> None:
+    """End the MLflow runs whose work stopped (flows.sync.reconcile: their Prefect flow run
+    crashed or their stage process on this host is gone) before this run starts; the store's
+    failure stops nothing (the stages record themselves, or texq track sync does later)."""
+    from flows.sync import reconcile
+
+    try:
+        for e in reconcile()["ended"]:
+            log.warning("MLflow run %s ended %s: %s", e["run_id"], e["status"], e["why"])
+    except Exception as exc:
+        log.warning("texq track reconcile skipped: %s", exc.__class__.__name__)
 
 
 def _publish_result(folder: Path, fid: str, result: dict, ran: list[str]) -> None:

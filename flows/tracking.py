@@ -177,9 +177,10 @@ def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_ru
 
 def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, register):
     out, key = Path(out), pipeline_key(params_file, parent_run_id)
-    c, run_id = client(), None
+    c, run_id = None, None
     try:
-        run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
+        c = client()  # a SQLite store is opened (and its tables checked) here
+        run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id, key)
         _begin(c, run_id, stage, out)
         _catch_up(c, run_id, key, out, cfg, register)
     except Exception as exc:
@@ -202,7 +203,8 @@ def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, reg
     # the work is done and its outputs are written: nothing below fails the stage
     try:
         if run_id is None:
-            run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id)
+            c = c or client()
+            run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id, key)
             _catch_up(c, run_id, key, out, cfg, register)
         record_stage(c, run_id, stage, out, cfg, register)
         c.set_tag(run_id, STAGE_TAG, f"{stage} done")

@@ -57,6 +57,17 @@ def stack(tmp_path_factory):
                        "--artifacts-destination", str(root / "artifacts"))
         wait_http(f"http://127.0.0.1:{pp}/api/health", prefect, root / "prefect.log")
         wait_http(f"http://127.0.0.1:{mp}/health", mlflow, root / "mlflow.log")
+
+        def restart_prefect() -> float:
+            """Stop Prefect's server and start it again on its port and database; the seconds it was away."""
+            t0 = time.time()
+            stop([p for p in procs if p.args[:3] == [str(BIN / "prefect"), "server", "start"]])
+            again = start("prefect-restarted", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                          "--port", str(pp))
+            wait_http(f"http://127.0.0.1:{pp}/api/health", again, root / "prefect-restarted.log")
+            return time.time() - t0
+
+        start.restart_prefect = restart_prefect
         yield env, root, start
     finally:
         stop(procs)
@@ -64,6 +75,24 @@ def stack(tmp_path_factory):
 
 def _cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
     return cli(env, *args, timeout=timeout)
+
+
+def test_the_zombie_flow_automation_is_created_once_with_prefect_s_trigger(stack):
+    """flows.zombies (scripts/lab.sh start): a flow run silent for 90 s after a heartbeat is
+    marked Crashed; a second call finds it; a window under two heartbeats is refused."""
+    env, _, _ = stack
+    first = json.loads(_cli(env, BIN / "python", "-m", "flows.zombies").stdout)
+    again = json.loads(_cli(env, BIN / "python", "-m", "flows.zombies").stdout)
+    assert first["created"] is True and again == {**first, "created": False}
+    shown = _cli(env, BIN / "python", "-c", (
+        "import json; from prefect.automations import Automation; "
+        f"a = Automation.read(name={json.dumps(first['automation'])}); t = a.trigger; "
+        "print(json.dumps([sorted(t.after), t.posture.value, t.within.total_seconds(), "
+        "a.actions[0].type, a.actions[0].state.value]))")).stdout
+    assert json.loads(shown) == [["prefect.flow-run.heartbeat"], "Proactive", 90.0, "change-flow-run-state",
+                                 "CRASHED"]
+    refused = cli(env, BIN / "python", "-m", "flows.zombies", "--within", "40", check=False)
+    assert refused.returncode == 2 and "expected at least 60 s" in refused.stderr
 
 
 def test_grid_axes_and_overrides_are_checked_before_any_run(tiny_params):
@@ -184,22 +213,26 @@ def test_grid_on_two_workers_gives_four_finished_child_runs(stack, pool, tiny_pa
     assert {r["stages_run"] for r in table.values()} == {"teacher,synthesize,train,evaluate"}
 
 
+def _training_child(env: dict, name: str, grid: subprocess.Popen, timeout: float = 300) -> str:
+    """The id of the grid's child flow run ``name`` once its train task runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and grid.poll() is None:
+        view = prefect_view(env)
+        for r in view["runs"]:
+            if r["name"] == name and any(t["flow_run"] == r["id"] and t["name"] == "train"
+                                         and t["state"] == "Running" for t in view["tasks"]):
+                return r["id"]
+        time.sleep(1)
+    raise AssertionError(f"the child {name} never reached its train stage")
+
+
 def test_a_cancelled_child_ends_killed_in_mlflow_and_the_grid_says_cancelled(stack, pool, tiny_params, tmp_path):
     env, _, _ = stack
     grid = {"finetune.epochs": [400]}  # a train stage long enough to be cancelled in
     proc = subprocess.Popen([sys.executable, "-c", GRID_CODE, json.dumps(grid), str(tiny_params),
                              str(tmp_path / "grid")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline, child = time.time() + 300, None
-    while child is None and time.time() < deadline:
-        view = prefect_view(env)
-        for r in view["runs"]:
-            if r["name"] == "finetune.epochs=400" and any(
-                    t["flow_run"] == r["id"] and t["name"] == "train" and t["state"] == "Running"
-                    for t in view["tasks"]):
-                child = r["id"]
-        time.sleep(1)
-    assert child, "the child never reached its train stage"
+    child = _training_child(env, "finetune.epochs=400", proc)
     time.sleep(3)  # inside the stage's epochs
     cli(env, BIN / "prefect", "flow-run", "cancel", child)
     out, err = proc.communicate(timeout=300)
@@ -216,6 +249,34 @@ def test_a_cancelled_child_ends_killed_in_mlflow_and_the_grid_says_cancelled(sta
     parent = c.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
     assert not c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")  # none left RUNNING
+
+
+def test_a_prefect_server_restart_mid_train_is_waited_out_and_nothing_is_trained_twice(
+        stack, pool, tiny_params, tmp_path):
+    """The Prefect server goes away while a child trains and comes back on the same database: the
+    flow runs wait it out (Prefect's client retries), the child and the grid complete, its MLflow
+    run is FINISHED and each epoch was trained once."""
+    env, _, start = stack
+    grid = {"finetune.epochs": [30]}
+    proc = subprocess.Popen([sys.executable, "-c", GRID_CODE, json.dumps(grid), str(tiny_params),
+                             str(tmp_path / "grid")], cwd=ROOT, env=dict(env, PREFECT_CLIENT_MAX_RETRIES="7"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = _training_child(env, "finetune.epochs=30", proc)
+    away = start.restart_prefect()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    view = prefect_view(env)
+    assert next(r for r in view["runs"] if r["id"] == child)["type"] == "COMPLETED"
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("texq")
+    (run,) = c.search_runs([exp.experiment_id], f"tags.`prefect_flow_run_id` = '{child}'")
+    assert run.info.status == "FINISHED"
+    history = (tmp_path / "grid" / "finetune.epochs=30" / "out" / "pipeline" / "train" / "history.jsonl")
+    epochs = [json.loads(line)["epoch"] for line in history.read_text().splitlines()]
+    assert epochs == sorted(set(epochs)) and len(epochs) == len(c.get_metric_history(run.info.run_id, "generator/ce_loss"))
+    print(f"\nPrefect server away {away:.0f} s mid-train: waited out")
 
 
 CACHE_SCRIPT = """
