@@ -23,6 +23,7 @@ from flows.record import (
     forget_unrecorded,
     quiet_store,
     record_stage,
+    source_file,
     unrecorded,
 )
 from flows.store import client, experiment_id, experiment_name
@@ -65,10 +66,7 @@ def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yam
         key = next((n["key"] for n in notes if n.get("key")), None) or pipeline_key(params_file)
         c = client()
         noted = next((n["run_id"] for n in notes if n.get("run_id") and n.get("key") == key), None)
-        known = c.search_runs([experiment_id(c)], f"tags.`{KEY_TAG}` = '{key}'", max_results=1,
-                              order_by=["attributes.start_time DESC"])
-        run_id = noted or (known[0].info.run_id if known else
-                           find_or_create_run(c, params_file, config.run, key=key))
+        run_id = noted or _run_of(c, out, key) or find_or_create_run(c, params_file, config.run, key=key)
         logged = [s for s in STAGES if record_stage(c, run_id, s, out, config.run, config.registers_model)]
         forget_unrecorded(out, list(STAGES), key)
         run = c.get_run(run_id)
@@ -81,6 +79,25 @@ def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yam
                 c.set_tag(run_id, STAGE_TAG, "no stage running (texq track sync)")
     return {"command": "track sync", "out": str(out), "run_id": run_id, "recorded": logged,
             "status": status}
+
+
+def _run_of(c, out: Path, key: str) -> str | None:
+    """The run that already holds (some of) ``out``'s results: the latest run of this folder on
+    this host that recorded one of its files as they are now, else the latest of pipeline run
+    ``key``; None when there is none."""
+    from texq.pipeline import STAGES
+
+    exp = experiment_id(c)
+    here = c.search_runs([exp], f"tags.`{OUT_TAG}` = '{out.resolve()}' and tags.`texq.host` = "
+                         f"'{socket.gethostname()}'", max_results=50, order_by=["attributes.start_time DESC"])
+    files = {s: source_file(out, s) for s in STAGES}
+    digests = {s: file_digest(f) for s, f in files.items() if f is not None and f.is_file()}
+    for run in here:
+        if any(run.data.tags.get(RECORDED_TAG + s) == d for s, d in digests.items()):
+            return run.info.run_id
+    by_key = c.search_runs([exp], f"tags.`{KEY_TAG}` = '{key}'", max_results=1,
+                           order_by=["attributes.start_time DESC"])
+    return by_key[0].info.run_id if by_key else None
 
 
 def _alive_stage(pid: int) -> bool:

@@ -45,7 +45,7 @@ def _runs(c):
 
 
 def test_a_store_locked_when_the_work_is_done_fails_nothing_and_sync_records_it_once(
-        store, out, tiny_params, tmp_path, capsys):
+        store, out, tiny_params, tmp_path, capsys, monkeypatch):
     from flows.record import PENDING
     from flows.sync import sync
     from flows.tracking import tracked_stage
@@ -82,6 +82,10 @@ def test_a_store_locked_when_the_work_is_done_fails_nothing_and_sync_records_it_
     history = [json.loads(line) for line in (out / "train" / "history.jsonl").read_text().splitlines()]
     g_loss = store.get_metric_history(run.info.run_id, "generator/ce_loss")
     assert len(g_loss) == len(history)  # each epoch once
+    # sync finds the run that recorded these very files, whatever key it computes (another
+    # checkout's commit, the note gone): no second run
+    monkeypatch.setattr("flows.sync.pipeline_key", lambda *a, **k: "another-commit")
+    assert sync(out, tiny_params)["run_id"] == run.info.run_id and len(_runs(store)) == 1
 
 
 def test_a_store_down_from_the_start_leaves_the_work_running_and_sync_creates_the_run(
