@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -228,8 +229,6 @@ def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/g
     """
     from prefect.artifacts import create_table_artifact
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
-    from prefect.utilities.asyncutils import run_coro_as_sync
 
     log = get_run_logger()
     combos = expand(grid)
@@ -257,7 +256,7 @@ def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/g
         log.info("submitted %s -> flow run %s", _label(combo), fr.id)
     rows: list[dict] = []
     for combo, fid in runs:  # Prefect's own waiting (its events), one child after the other
-        final = run_coro_as_sync(wait_for_flow_run(fid, timeout=None))
+        final = _wait_final(fid, log)
         rows.append({**combo, "flow_run": str(fid), "state": final.state.type.value, **_child_result(fid)})
         log.info("%s: %s (%d of %d final)", _label(combo), final.state.type.value, len(rows), len(runs))
     table = _results_table(c, parent_id, [combo for combo, _ in runs], rows)
@@ -272,6 +271,31 @@ def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/g
         raise RuntimeError(f"{len(rows) - counts.get('COMPLETED', 0)} of {len(rows)} grid runs did not "
                            f"complete: {undone}")
     return rows
+
+
+WAIT_PATIENCE_S = 600  # how long a grid waits for a Prefect server that went away (a restart)
+
+
+def _wait_final(fid, log):
+    """The child flow run once final, by Prefect's own waiting (``wait_for_flow_run``: its events
+    stream). The stream does not survive the server going away (a restart, its database paused):
+    the grid then waits for the server to answer again, up to WAIT_PATIENCE_S, instead of failing
+    while its children work on."""
+    from prefect.flow_runs import wait_for_flow_run
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    away_since = None
+    while True:
+        try:
+            return run_coro_as_sync(wait_for_flow_run(fid, timeout=None))
+        except Exception as exc:
+            now = time.monotonic()
+            away_since = away_since or now
+            if now - away_since > WAIT_PATIENCE_S:
+                raise
+            log.warning("waiting for flow run %s: the Prefect server did not answer (%s); trying again",
+                        fid, type(exc).__name__)
+            time.sleep(5)
 
 
 def _child_result(fid) -> dict:
