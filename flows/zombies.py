@@ -15,7 +15,11 @@ import sys
 from datetime import timedelta
 
 NAME = "texq: crash zombie flow runs"
-HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY scripts/lab.sh gives workers (Prefect's minimum)
+# Prefect's default PREFECT_FLOWS_HEARTBEAT_FREQUENCY: the window is sized for it, so that a worker
+# left at the default never has a healthy run marked Crashed (a 90 s window, Prefect's guide's, did
+# exactly that to a grid waiting on its children: one heartbeat every 180 s)
+HEARTBEAT_SECONDS = 180
+MIN_HEARTBEAT_SECONDS = 30  # Prefect's minimum frequency
 
 
 def automation(within: int):
@@ -65,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.zombies", description=__doc__.split("\n")[0])
     p.add_argument("--within", type=int, default=3 * HEARTBEAT_SECONDS,
                    help="seconds of silence after a heartbeat before a flow run is marked Crashed "
-                        f"(default {3 * HEARTBEAT_SECONDS}: three missed heartbeats)")
+                        f"(default {3 * HEARTBEAT_SECONDS}: three of Prefect's default heartbeats; "
+                        "90 when every worker sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30)")
     args = p.parse_args(argv)
-    if args.within < 2 * HEARTBEAT_SECONDS:
-        p.error(f"--within {args.within}: expected at least {2 * HEARTBEAT_SECONDS} s (two heartbeats)")
+    if args.within < 2 * MIN_HEARTBEAT_SECONDS:
+        p.error(f"--within {args.within}: expected at least {2 * MIN_HEARTBEAT_SECONDS} s (two heartbeats at "
+                "Prefect's fastest; a window under two of the workers' heartbeats marks healthy runs Crashed)")
     print(json.dumps(ensure(args.within)))
     return 0
 

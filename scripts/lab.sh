@@ -110,14 +110,14 @@ start() {
     fi
     wait_http "http://$HOST:$PREFECT_PORT/api/health" Prefect "$DIR/logs/prefect.log" prefect
     wait_http "http://$HOST:$MLFLOW_PORT/health" MLflow "$DIR/logs/mlflow.log" mlflow
-    # flow runs send a heartbeat every 30 s (Prefect's minimum); the zombie automation marks one
-    # silent for 90 s Crashed (flows/zombies.py). Clients wait out a server restart: Prefect's up to
+    # flow runs send a heartbeat every 180 s (Prefect's default); the zombie automation marks one
+    # silent for 540 s Crashed (flows/zombies.py). Clients wait out a server restart: Prefect's up to
     # 7 retries (2^n s backoff), MLflow's texq defaults (flows/store.py)
     cat > "$DIR/lab.env" <<EOF
 export PREFECT_API_URL=http://$HOST:$PREFECT_PORT/api
 export MLFLOW_TRACKING_URI=http://$HOST:$MLFLOW_PORT
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=texq MLFLOW_DISABLE_TELEMETRY=true
-export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 PREFECT_CLIENT_MAX_RETRIES=7
+export PREFECT_CLIENT_MAX_RETRIES=7
 EOF
     (. "$DIR/lab.env"; "$BIN/python" -m flows.zombies >"$DIR/logs/zombies.log" 2>&1) \
         || die "the zombie-flow automation could not be created; see $DIR/logs/zombies.log"

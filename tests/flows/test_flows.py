@@ -78,7 +78,7 @@ def _cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
 
 
 def test_the_zombie_flow_automation_is_created_once_with_prefect_s_trigger(stack):
-    """flows.zombies (scripts/lab.sh start): a flow run silent for 90 s after a heartbeat is
+    """flows.zombies (scripts/lab.sh start): a flow run silent for 540 s after a heartbeat is
     marked Crashed; a second call finds it; a window under two heartbeats is refused."""
     env, _, _ = stack
     first = json.loads(_cli(env, BIN / "python", "-m", "flows.zombies").stdout)
@@ -89,7 +89,7 @@ def test_the_zombie_flow_automation_is_created_once_with_prefect_s_trigger(stack
         f"a = Automation.read(name={json.dumps(first['automation'])}); t = a.trigger; "
         "print(json.dumps([sorted(t.after), t.posture.value, t.within.total_seconds(), "
         "a.actions[0].type, a.actions[0].state.value]))")).stdout
-    assert json.loads(shown) == [["prefect.flow-run.heartbeat"], "Proactive", 90.0, "change-flow-run-state",
+    assert json.loads(shown) == [["prefect.flow-run.heartbeat"], "Proactive", 540.0, "change-flow-run-state",
                                  "CRASHED"]
     refused = cli(env, BIN / "python", "-m", "flows.zombies", "--within", "40", check=False)
     assert refused.returncode == 2 and "expected at least 60 s" in refused.stderr

@@ -129,7 +129,7 @@ def test_a_grid_on_two_hosts_through_the_servers_then_nothing_finished_recompute
     t0 = time.time()
     # scripts/lab.sh start made Prefect's zombie-flow automation (missing heartbeats -> Crashed), once
     again = json.loads(cli(lab["common"], BIN / "python", "-m", "flows.zombies").stdout)
-    assert again["created"] is False and again["within_s"] == 90
+    assert again["created"] is False and again["within_s"] == 540
     a, b = lab["host"]("host-a", "0"), lab["host"]("host-b", "1")
     control, sub = lab["host"]("control"), lab["host"]("submitter")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
