@@ -58,13 +58,6 @@ def watch(pid: int, on_gone: Callable[[], None], period: float = 2.0) -> threadi
     return thread
 
 
-def _say(text: str) -> None:
-    try:
-        print(text, file=sys.stderr)
-    except OSError:  # the reader (dvc, the flow run) is gone
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     from texq.pipeline import STAGES
     from texq.util.device import DEVICES
@@ -78,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from flows.tracking import Orphaned, Terminated, run_tracked_stage
+    from flows.tracking import Orphaned, Terminated, run_tracked_stage, say
 
     flow_pid = int(os.environ.get(FLOW_PID_ENV) or 0)
     orphaned, stopping = threading.Event(), threading.Event()
@@ -93,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     if flow_pid:
         if not alive(flow_pid):
-            _say(f"texq: {args.name} not started: its flow run's process {flow_pid} is gone")
+            say(f"texq: {args.name} not started: its flow run's process {flow_pid} is gone")
             return 128 + signal.SIGTERM
 
         def gone() -> None:
@@ -111,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         message = user_message(exc)
         if message is None:
             raise  # a bug: its traceback
-        _say(f"texq: error: {message}")
+        say(f"texq: error: {message}")
         return 2
     except Terminated as exc:  # the MLflow run is KILLED (FAILED if orphaned); 128 + signal, as the shell reports it
-        _say(f"texq: {args.name} {exc}")
+        say(f"texq: {args.name} {exc}")
         return 128 + signal.SIGTERM
     print(json.dumps(result))
     return 0

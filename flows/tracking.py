@@ -154,7 +154,8 @@ def end_state(exc: BaseException) -> str:
     return "KILLED" if isinstance(exc, (Terminated, KeyboardInterrupt)) else "FAILED"
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
+    """A line on stderr, also when its reader (dvc, the flow run) is gone."""
     import sys
 
     try:
@@ -186,7 +187,7 @@ def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, reg
     except Exception as exc:
         if not tracking_error(exc):
             raise  # texq's refusals (a store moved from another checkout) stop the stage before its work
-        _say(f"texq: the MLflow store at {tracking_uri()} did not answer ({failure_line(exc)}): stage "
+        say(f"texq: the MLflow store at {tracking_uri()} did not answer ({failure_line(exc)}): stage "
              f"{stage} runs, and records its results when the store is back (texq track sync {out})")
         run_id = None
     try:
@@ -197,7 +198,7 @@ def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, reg
                 c.set_terminated(run_id, end_state(exc))
                 c.set_tag(run_id, STAGE_TAG, f"{stage} stopped")
             except Exception as err:  # the stage's own error is the one to report
-                _say(f"texq: the MLflow store at {tracking_uri()} did not take run {run_id}'s end "
+                say(f"texq: the MLflow store at {tracking_uri()} did not take run {run_id}'s end "
                      f"({failure_line(err)}); texq track reconcile ends it")
         raise
     # the work is done and its outputs are written: nothing below fails the stage
@@ -212,7 +213,7 @@ def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, reg
             c.set_terminated(run_id, "FINISHED")
     except Exception as exc:
         noted = note_unrecorded(out, stage, key, run_id, exc)
-        _say(f"texq: stage {stage} finished and its outputs are kept in {out}, but the MLflow store at "
+        say(f"texq: stage {stage} finished and its outputs are kept in {out}, but the MLflow store at "
              f"{tracking_uri()} did not record them ({failure_line(exc)}); "
              + (f"texq track sync {out} records them" if noted else
                 f"noting that failed too: run texq track sync {out} once the store is back"))
@@ -235,7 +236,7 @@ def _catch_up(c, run_id: str, key: str, out: Path, cfg, register: bool) -> None:
         record_stage(c, run_id, stage, out, cfg, register)
     if stages:
         forget_unrecorded(out, stages, key)
-        _say(f"texq: recorded stage(s) {', '.join(stages)} left unrecorded earlier into run {run_id}")
+        say(f"texq: recorded stage(s) {', '.join(stages)} left unrecorded earlier into run {run_id}")
 
 
 def result_run_id(flow_run_id: str, metrics: Path) -> str | None:
