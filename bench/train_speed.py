@@ -62,13 +62,15 @@ def per_call(fn, n: int, device: torch.device, warmup: int = 3) -> float:
 
 
 def build(model: str, device: torch.device, batch: int | None, graphs: bool, seed: int = 0,
-          layout: torch.memory_format | None = None, fixed_shapes: bool | None = None):
+          layout: torch.memory_format | None = None, fixed_shapes: bool | None = None,
+          mix_slots: str = "all", **speed):
     """F, Q (W4A4, ranges set on noise) and a Finetuner at the paper's settings; the calibration
     set is random images with random centers (the same shapes as step 1's). F and G in
-    ``layout``, as a run lays them out."""
+    ``layout``, as a run lays them out. ``speed``: Finetuner's precision / compile settings."""
     torch.manual_seed(seed)
     cfg = RunConfig.for_profile("paper", model=model, checkpoint="unused")
-    ft = cfg.finetune if batch is None else replace(cfg.finetune, batch_size=batch)
+    ft = replace(cfg.finetune, mix_slots=mix_slots)
+    ft = ft if batch is None else replace(ft, batch_size=batch)
     layout = layout or memory_format("auto", device, torch.backends.cudnn.allow_tf32)
     fp = create_model(model).to(device, memory_format=layout).eval()
     info = fp.texq_info
@@ -81,7 +83,7 @@ def build(model: str, device: torch.device, batch: int | None, graphs: bool, see
                   calib_images=torch.randn(k, 3, s, s, device=device),
                   calib_labels=torch.arange(k, device=device), centers=centers)
     return cfg, Finetuner(fp, q, src, cfg.generator, ft, True, device, cuda_graphs=graphs,
-                          fixed_shapes=fixed_shapes)
+                          fixed_shapes=fixed_shapes, **speed)
 
 
 def step_ratio(model: str, device: torch.device, graphs: bool, batch: int = 128, n: int = 30) -> dict:

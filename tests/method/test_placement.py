@@ -65,26 +65,27 @@ def cpu_parts():
     return cfg, fp, q, calib
 
 
-@pytest.mark.parametrize("mkd", [True, False])
-def test_training_steps_run_on_meta(cpu_parts, mkd):
+@pytest.mark.parametrize("mkd, mix_slots", [(True, "all"), (False, "all"), (True, "bounded")])
+def test_training_steps_run_on_meta(cpu_parts, mkd, mix_slots):
     """Steps 2 and 3 end to end (losses, backward) on meta tensors: no tensor made elsewhere,
-    no host sync, no data-dependent shape. The same functions are what a CUDA graph captures."""
+    no host sync, no data-dependent shape. The same functions are what a CUDA graph captures
+    (Q's bounded mixup batch too)."""
     cfg, fp, q, calib = cpu_parts
     g = Generator.for_model(fp.texq_info).to(META)
     fp_m, q_m = copy.deepcopy(fp).to(META), copy.deepcopy(q).to(META)
     centers = [type(c)(c.mean.to(META), c.var.to(META)) for c in calib.centers]
     src = Sources(generator=g, calib_images=calib.images.to(META),
                   calib_labels=calib.labels.to(META), centers=centers)
-    ft = replace(cfg.finetune, batch_size=6, calib_per_batch=3)
+    ft = replace(cfg.finetune, batch_size=6, calib_per_batch=3, mix_slots=mix_slots)
     tuner = Finetuner(fp_m, q_m, src, cfg.generator, ft, mkd, META, fixed_shapes=True)
     x, y, g_terms = tuner._generator_pass()
     assert x.device == META and g_terms.shape == (4,)
     assert all(p.grad is not None and p.grad.device == META for p in g.parameters())
     q_terms = tuner._quant_pass(x, y)
-    assert q_terms.shape == (3,) and q_terms.device == META
+    assert q_terms.shape == (4 if mix_slots == "bounded" else 3,) and q_terms.device == META
     assert all(p.grad.device == META for p in q_m.parameters() if p.requires_grad)
     if mkd:  # the variable-size batch (the mixed samples only) is what a capture cannot take
-        tuner.fixed_shapes = False
+        tuner.fixed_shapes = tuner.bounded = False
         with pytest.raises(NotImplementedError, match="nonzero"):
             tuner._quant_pass(x, y)
 

@@ -142,6 +142,7 @@ class BNStatsCollector:
         self.num_groups = 0
         self.samples: list = [None] * len(self.layers)
         self._handles: list = []
+        self._attached = self._active = False
 
     def set_groups(self, groups: Tensor | None, num_groups: int = 0) -> None:
         """Record per-group statistics of the ids 0..num_groups-1 in ``groups`` (None: whole batch)."""
@@ -151,17 +152,33 @@ class BNStatsCollector:
 
     def _hook(self, index: int):
         def fn(module, inputs):
-            self.samples[index] = per_sample(inputs[0])
+            if self._active:
+                self.samples[index] = per_sample(inputs[0].float())  # float32 under autocast too
         return fn
 
-    def __enter__(self) -> "BNStatsCollector":
+    def attach(self) -> "BNStatsCollector":
+        """Keep the hooks on the model for good; ``with`` then only switches recording on and
+        off (no hook is added or removed per pass: a compiled step traces without a break)."""
+        if not self._attached:
+            self._register()
+            self._attached = True
+        return self
+
+    def _register(self) -> None:
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+
+    def __enter__(self) -> "BNStatsCollector":
+        if not self._attached:
+            self._register()
+        self._active = True
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._active = False
+        if not self._attached:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
 
     def running(self) -> list[LayerStats]:
         """The BN layers' stored running mean and variance (the targets of Eq. 3)."""

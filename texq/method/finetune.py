@@ -30,7 +30,7 @@ from texq.method.bns import (
 )
 from texq.method.generator import Generator, GeneratorConfig
 from texq.method.kd import KD_REDUCTIONS, kd_loss
-from texq.method.mixup import mixup_samples
+from texq.method.mixup import mix_capacity, mixup_samples
 from texq.models import get_info
 from texq.quant import act_quantizers, set_observing
 from texq.util.domains import (
@@ -45,9 +45,11 @@ from texq.util.domains import (
 )
 from texq.util.errors import ConfigError
 from texq.util.graphs import GraphedStep, module_state
+from texq.util.precision import autocast, compile_step, float32_batchnorm
 
 ACT_CALIB_AT = ("start", "end")  # the first / the last act_calib_epochs epochs of the warm-up
 ACT_CALIB_INPUTS = ("generated", "batch")  # G's samples / Q's batch (G's + calibration images)
+MIX_SLOTS = ("all", "bounded")  # fixed-shape mixup: Q scores all n mixes / at most mix_capacity(n, p)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class FinetuneConfig:
     calib_per_batch: Annotated[int, NON_NEGATIVE_INT] = 16  # calibration images added to each batch (FDDA uses 16)
     calib_augment: bool = True  # random resized crop + flip of calibration images (FDDA)
     calib_crop_scale: Annotated[tuple[float, float], FRACTION] = (0.5, 1.0)  # crop area range: IntraQ's 0.5 for 32x32
+    mix_slots: Annotated[str, one_of(*MIX_SLOTS)] = "all"  # CUDA graphs: Q scores all n mixes (exact) or only the mixed ones, up to a bound
 
     def __post_init__(self) -> None:
         check_fields(self, "finetune.")
@@ -97,7 +100,7 @@ class FinetuneConfig:
 #: then Q's Eq. 13-14 terms (CE on labelled samples, KD) and the mixed samples per step (Eq. 9)
 HISTORY_TERMS = ("generator/ce_loss", "generator/bns_loss", "generator/layered_bns_loss",
                  "generator/distorted_bns_loss", "quantized/ce_loss", "quantized/kd_loss",
-                 "quantized/mixed_per_step")
+                 "quantized/mixed_per_step", "quantized/mix_overflow")
 
 
 def _short(term: str) -> str:
@@ -126,10 +129,13 @@ class Finetuner:
 
     def __init__(self, fp: nn.Module, qmodel: nn.Module, sources: Sources, gcfg: GeneratorConfig,
                  fcfg: FinetuneConfig, mkd: bool, device: torch.device, bns_norm: str = "mse",
-                 cuda_graphs: bool = True, rehearse: bool = False, fixed_shapes: bool | None = None):
+                 cuda_graphs: bool = True, rehearse: bool = False, fixed_shapes: bool | None = None,
+                 precision: str = "float32", compile: bool = False, compile_backend: str = "inductor"):
         """Note: F's parameters are frozen (``requires_grad=False``) for good. ``rehearse``
         (tests): run the graphs' warm-up and restore on any device, without capturing.
-        ``fixed_shapes`` (default: when steps are captured) selects Q's fixed-shape batch."""
+        ``fixed_shapes`` (default: when steps are captured) selects Q's fixed-shape batch.
+        ``precision`` ('float32' | 'bf16') and ``compile``: texq.util.precision (BatchNorm layers of F, Q
+        and G get float32 hooks for 'bf16')."""
         self.fp, self.q, self.src, self.gcfg, self.fcfg, self.mkd = fp, qmodel, sources, gcfg, fcfg, mkd
         self.bns_norm = bns_norm
         self.device = torch.device(device)
@@ -151,7 +157,8 @@ class Finetuner:
                                           foreach=True)
             self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, gcfg.lr_step_epochs,
                                                            gcfg.lr_gamma)
-        self.bns = BNStatsCollector(fp)
+        self._act_quantizers = act_quantizers(qmodel)
+        self.bns = BNStatsCollector(fp).attach()  # hooks stay on F; ``with self.bns`` records
         self.running = concat(self.bns.running())  # F is frozen: its running statistics are constant
         self.centers = None if sources.centers is None else concat(
             [LayerStats(c.mean.to(self.device), c.var.to(self.device)) for c in sources.centers])
@@ -161,15 +168,25 @@ class Finetuner:
         self.use_centers = sources.centers is not None and bool(gcfg.alpha4 or gcfg.alpha5)
         self.g_terms = list(HISTORY_TERMS[:2] + (HISTORY_TERMS[2:4] if self.use_centers else ())
                             if g is not None else ())
-        self.q_terms = list(HISTORY_TERMS[4:])
+        self.precision = precision
+        self._amp_hooks = float32_batchnorm(fp, qmodel, g) if precision != "float32" else []
         state = module_state(g, qmodel)
-        self._g_step = (GraphedStep(self._generator_pass, self.device, list(g.parameters()), state,
+        g_pass, q_pass = self._generator_pass, self._quant_pass
+        if compile:
+            g_pass, q_pass = (compile_step(g_pass, compile_backend),
+                              compile_step(q_pass, compile_backend))
+        self._g_step = (GraphedStep(g_pass, self.device, list(g.parameters()), state,
                                     cuda_graphs, rehearse=rehearse) if g is not None else None)
         # Q's graph bakes in its activation quantizers' mode and frozen ranges: a change recaptures
-        self._q_step = GraphedStep(self._quant_pass, self.device, list(qmodel.parameters()), state,
+        self._q_step = GraphedStep(q_pass, self.device, list(qmodel.parameters()), state,
                                    cuda_graphs, rehearse=rehearse, key=lambda: [
                                        (a.observing, a._frozen) for a in act_quantizers(qmodel)])
-        self.fixed_shapes = self._q_step.capture if fixed_shapes is None else fixed_shapes
+        self.fixed_shapes = (self._q_step.capture or compile) if fixed_shapes is None else fixed_shapes
+        self.bounded = self.fixed_shapes and mkd and fcfg.mix_slots == "bounded"
+        if self.bounded:  # Q's batch: G's samples plus the calibration images drawn per step
+            calib = 0 if self.calib_images is None else min(fcfg.calib_per_batch, len(self.calib_images))
+            self.mix_capacity = mix_capacity(fcfg.batch_size + calib, fcfg.mixup_p)
+        self.q_terms = list(HISTORY_TERMS[4:] if self.bounded else HISTORY_TERMS[4:-1])
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -198,10 +215,12 @@ class Finetuner:
         ``g_terms`` order). ``CE + a3 L_BNS (batch vs F's running stats) + a4 L_L-BNS (per class
         vs its center, Eq. 8) + a5 L_D-BNS (per class vs its distorted center, Eq. 11)``."""
         g, cfg = self.src.generator, self.gcfg
-        x, y = g.sample(self.fcfg.batch_size, self.device)
-        with self.bns:
+        with autocast(self.device, self.precision):  # G, F and Q forward only: losses in float32
+            x, y = g.sample(self.fcfg.batch_size, self.device)
+        x = x.float()
+        with self.bns, autocast(self.device, self.precision):
             self.bns.set_groups(y, self.num_classes)
-            logits = self.fp(x)
+            logits = self.fp(x).float()
         grouped = self.bns.stats_all()  # every BN layer side by side, per class
         l_ce = F.cross_entropy(logits, y)
         l_bns = bns_loss(grouped.pooled(), self.running, norm=self.bns_norm)
@@ -230,26 +249,51 @@ class Finetuner:
         if extra is not None:
             x, y = torch.cat([x, extra[0]]), torch.cat([y, extra[1]])
         n = len(x)
-        if self.mkd and self.fixed_shapes:
-            x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
-            out = self.q(torch.cat([x, x_mix]))
-            student, kd_in = out[n:], x_mix
-        elif self.mkd:
-            x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
-            out = self.q(torch.cat([x, x_mix[mixed]]))
-            student = out[:n].clone()
-            student[mixed] = out[n:]
-            kd_in = x_mix
-        else:
-            out = self.q(x)
-            mixed = torch.zeros(n, dtype=torch.bool, device=x.device)
-            student, kd_in = out, x
-        with torch.no_grad():
-            teacher = self.fp(kd_in)
+        overflow = None
+        with autocast(self.device, self.precision):  # Q's and F's forward passes only
+            if self.mkd and self.bounded:
+                x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
+                student, out, kd_in, kept = self._bounded_mix(x, x_mix, mixed)
+                overflow, mixed = mixed.sum() - kept.sum(), kept
+            elif self.mkd and self.fixed_shapes:
+                x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
+                out = self.q(torch.cat([x, x_mix])).float()
+                student, kd_in = out[n:], x_mix
+            elif self.mkd:
+                x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
+                out = self.q(torch.cat([x, x_mix[mixed]])).float()
+                student = out[:n].clone()
+                student[mixed] = out[n:]
+                kd_in = x_mix
+            else:
+                out = self.q(x).float()
+                mixed = torch.zeros(n, dtype=torch.bool, device=x.device)
+                student, kd_in = out, x
+            with torch.no_grad():
+                teacher = self.fp(kd_in).float()
         l_ce = F.cross_entropy(out[:n], y)
         l_kd = kd_loss(student, teacher, self.fcfg.kd_temperature, self.fcfg.kd_reduction)
         loss = l_ce + self.fcfg.alpha6 * l_kd
-        return loss, torch.stack([l_ce, l_kd, mixed.sum().to(l_ce.dtype)]).detach()
+        terms = [l_ce, l_kd, mixed.sum().to(l_ce.dtype)]
+        if overflow is not None:
+            terms.append(overflow.to(l_ce.dtype))
+        return loss, torch.stack(terms).detach()
+
+    def _bounded_mix(self, x: Tensor, x_mix: Tensor, mixed: Tensor):
+        """``mix_slots: bounded``: Q scores the n samples and ``c = mix_capacity(n, p)`` slots
+        (a fixed shape) holding the mixed samples first, in batch order; the slots left over
+        hold unmixed samples, whose scores are discarded. Mixed samples beyond the c-th (a step
+        with more than c mixes: probability <= 1e-6) stay unmixed, and are counted. Returns
+        Q's scores for KD, Q's output, F's input and the mask of samples mixed in the end."""
+        n = len(x)
+        order = torch.argsort((~mixed).to(torch.uint8), stable=True)[:min(self.mix_capacity, n)]
+        slot_mixed = mixed[order]  # this slot holds a mixed sample
+        kept = torch.zeros_like(mixed).index_copy(0, order, slot_mixed)
+        kd_in = torch.where(kept.view(-1, *([1] * (x.dim() - 1))), x_mix, x)
+        out = self.q(torch.cat([x, kd_in[order]])).float()
+        own = out[:n]
+        student = own.index_copy(0, order, torch.where(slot_mixed.unsqueeze(1), out[n:], own[order]))
+        return student, out, kd_in, kept
 
     def _calib_batch(self) -> tuple[Tensor, Tensor] | None:
         """``calib_per_batch`` calibration images drawn without replacement (on the device),
@@ -265,6 +309,12 @@ class Finetuner:
         return x, self.calib_labels[idx]
 
     # ------------------------------------------------------------------------------ steps
+    def remove_hooks(self) -> None:
+        """Remove the float32 BatchNorm hooks that ``precision`` placed on F, Q and G."""
+        for h in self._amp_hooks:
+            h.remove()
+        self._amp_hooks = []
+
     def _generator_pass(self) -> tuple[Tensor, Tensor, Tensor]:
         loss, x, y, terms = self.generator_loss()
         loss.backward()
@@ -283,6 +333,9 @@ class Finetuner:
 
     def quant_step(self, x: Tensor, y: Tensor) -> Tensor:
         """One step of Q on Eq. 14 over ``x`` plus calibration images; returns the terms."""
+        for a in self._act_quantizers:
+            if not a.observing:
+                a.freeze()  # the range's host-side copy is made before, not inside, the step
         terms = self._q_step(x, y)
         self.opt_q.step()
         self.sched_q.step()

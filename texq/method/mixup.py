@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,3 +22,15 @@ def mixup_samples(x: Tensor, p: float, generator: torch.Generator | None = None
     lam = torch.rand(n, generator=generator, device=dev).view(-1, *([1] * (x.dim() - 1)))
     blend = lam * x + (1 - lam) * x[partner]
     return torch.where(mixed.view(-1, *([1] * (x.dim() - 1))), blend, x), mixed
+
+
+@functools.lru_cache(maxsize=None)
+def mix_capacity(n: int, p: float, tail: float = 1e-6) -> int:
+    """The smallest c with P(more than c of n samples are mixed) <= ``tail``, each mixed with
+    probability ``p`` (Eq. 9: the count is Binomial(n, p)); n when p = 1."""
+    below, c = 0.0, 0
+    for c in range(n + 1):
+        below += math.comb(n, c) * p ** c * (1 - p) ** (n - c)
+        if 1.0 - below <= tail:
+            return c
+    return n

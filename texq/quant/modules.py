@@ -20,6 +20,7 @@ from texq.quant.functional import (
     tensor_min_max,
 )
 from texq.util.errors import ConfigError
+from texq.util.precision import float32_quantizer
 
 
 class WeightQuantizer(nn.Module):
@@ -33,6 +34,7 @@ class WeightQuantizer(nn.Module):
         self.integer_zero_point = integer_zero_point
         self.ste = ste
 
+    @float32_quantizer
     def forward(self, w: Tensor) -> Tensor:
         if self.per_channel:
             lo, hi = channel_min_max(w, axis=0)
@@ -77,18 +79,24 @@ class ActQuantizer(nn.Module):
         self.x_max.copy_(torch.where(self.initialized, self.x_max * m + hi * (1 - m), hi))
         self.initialized.fill_(True)
 
+    @float32_quantizer
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
             self.observe(x)
             return fake_quantize(x, self.x_min, self.x_max, self.bits, None,
                                  self.integer_zero_point, self.ste)
+        return static_fake_quantize(x, self.freeze(), self.ste)
+
+    def freeze(self) -> StaticQParams:
+        """The frozen range's host-side quantization parameters (read from the device once: a
+        host sync, which callers that capture or compile a step make before it)."""
         if self._frozen is None:
             if not bool(self.initialized):
                 raise ConfigError(
                     "activation ranges are not calibrated: run texq.calibrate(qmodel, batches) first"
                 )
             self._frozen = static_qparams(self.x_min, self.x_max, self.bits, self.integer_zero_point)
-        return static_fake_quantize(x, self._frozen, self.ste)
+        return self._frozen
 
     def reset(self) -> None:
         """Forget the range (the next observed batch sets it anew)."""

@@ -28,6 +28,7 @@ from texq.util.device import DEVICES
 from texq.util.domains import NON_NEGATIVE_INT, check_fields, one_of
 from texq.util.errors import ConfigError
 from texq.util.keys import build, check_value, merge, nest
+from texq.util.precision import PRECISIONS
 
 PROFILES = ("paper", "quick", "tiny")
 
@@ -57,6 +58,8 @@ class RunConfig:
     channels_last: Annotated[bool | str, one_of(True, False, "auto")] = "auto"  # NHWC convolutions (speed only, same maths); auto: where faster (texq.util.device)
     cuda_graphs: bool = True  # on CUDA, replay each training step as one CUDA graph: speed only, same maths
     tf32: bool = False  # TF32 CUDA convolutions: faster, 10-bit-mantissa products (off: float32)
+    precision: Annotated[str, one_of(*PRECISIONS)] = "float32"  # steps 2-3: bf16 convolutions/matmuls, quantizers and BN float32 (not yet measured on a GPU)
+    compile: bool = False  # steps 2-3's passes through torch.compile (inductor): fewer, fused kernels; speed only
     quant: QuantOptions = field(default_factory=QuantOptions)  # quantizer options; the bits are above
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -148,7 +151,9 @@ def profile_settings(profile: str, info: ModelInfo) -> dict:
     return tree
 
 
-SPEED_ONLY = ("device", "cuda_graphs", "channels_last")  # settings that leave the maths as it is
+SPEED_ONLY = ("device", "cuda_graphs", "channels_last", "compile")  # settings that leave the maths as it is
+#: settings added after runs were made: at these values they leave a fingerprint as it was
+LATER_DEFAULTS = {("precision",): "float32", ("finetune", "mix_slots"): "all"}
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -156,4 +161,10 @@ def fingerprint(cfg: RunConfig) -> str:
     d = cfg.to_dict()
     for speed_only in SPEED_ONLY:
         d.pop(speed_only)
+    for (*section, key), value in LATER_DEFAULTS.items():
+        where = d
+        for name in section:
+            where = where[name]
+        if where.get(key) == value:
+            where.pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

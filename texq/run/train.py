@@ -82,7 +82,7 @@ def _quantized_model(cfg: RunConfig, fp_model: nn.Module, layout: Layout, work: 
         sources.generator = Generator.for_model(info, cfg.generator.latent_dim).to(
             device, memory_format=nhwc)
     tuner = Finetuner(fp_model, qmodel, sources, cfg.generator, cfg.finetune, cfg.mkd, device,
-                      cfg.bns_norm, cfg.cuda_graphs)
+                      cfg.bns_norm, cfg.cuda_graphs, precision=cfg.precision, compile=cfg.compile)
     prior = _train(tuner, work / "checkpoint.pt", work / "history.jsonl", progress)
     if sources.generator is not None:
         save_torch(work / "generator.pt", sources.generator.state_dict())
