@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The candidate speed-ups of steps 2-3 on a GPU, in one command of at most ~9 minutes, for a machine
 # with a CUDA GPU and torch + torchvision but possibly no internet and no pip (texq runs from this
-# source tree). Five small files come back in $TEXQ_CHECK_OUT (default out/gpu_speedups; $OUT when set):
+# source tree). Six small files come back in $TEXQ_CHECK_OUT (default out/gpu_speedups; $OUT when set):
 #   device.txt    the GPU, driver, torch;
 #   tests.log     the CUDA tests of the speed-ups (graph replay = eager steps for each) and of graphs;
 #   speed.log     bench/speedups.py: ms per iteration and projected paper-protocol minutes for each
 #                 speed-up alone and all together, and runs per hour with 1, 2, 4 runs per process;
 #   quick.jsonl   quick-profile runs (TexQ W4A4, seeds 0..N-1) with the base settings and with all
 #                 the speed-ups on: does accuracy move beyond run-to-run noise?
-#   summary.txt   the figures above in a few lines.
+#   summary.txt   the figures above in a few lines;
+#   speed.err     the last 200 lines of the benchmark's stderr (compiler warnings, a failure's reason).
 # Each phase has a time limit and the script stops starting phases after TEXQ_CHECK_DEADLINE seconds
 # (default 500), so the command ends within a 9-minute window with its files written.
 # TEXQ_DEVICE=cpu runs the same phases on the CPU with the tiny profile (the tests' check).
@@ -54,7 +55,7 @@ timeout "$(( $(left) < 240 ? $(left) : 240 ))" "$py" bench/speedups.py --variant
     > "$out/speed.log" 2>"$out/speed.err"
 echo "rc $?" >> "$out/speed.log"
 grep -v '^{' "$out/speed.log"
-tail -3 "$out/speed.err" >> "$out/speed.log"   # the last lines of stderr (a failure's reason), not all of it
+tail -n 200 "$out/speed.err" > "$out/speed.err.tmp" && mv "$out/speed.err.tmp" "$out/speed.err"
 
 step "quick-profile runs: base vs all speed-ups"
 : > "$out/quick.jsonl"
