@@ -9,6 +9,7 @@ the base (float32, CUDA graphs, all n mixes):
   bounded    ``finetune.mix_slots: bounded`` (Q scores n + c samples, c the mixes' tail bound)
   compile    ``compile: true`` (torch.compile of the captured passes, inductor)
   tf32       ``tf32: true`` (TF32 convolutions)
+  bf16-nhwc  bf16 with ``channels_last: true`` (``auto`` keeps NCHW for it on CUDA)
   all        bf16 + bounded + compile
 
 Then, with ``--streams 1,2,4``: k runs in one process, each on its own CUDA stream with its own
@@ -44,6 +45,7 @@ VARIANTS = {
     "bounded": {"mix_slots": "bounded"},
     "compile": {"compile": True},
     "tf32": {"tf32": True},
+    "bf16-nhwc": {"precision": "bf16", "layout": "nhwc"},
     "all": {"precision": "bf16", "mix_slots": "bounded", "compile": True},
 }
 PAPER_ITERS = 100_000 + 1500  # steps 2-3 iterations, plus step 1's (counted alike)
@@ -53,7 +55,9 @@ def tuner_for(model: str, device: torch.device, graphs: bool, variant: dict, see
               backend: str = "inductor", batch: int | None = None):
     """The paper-setting Finetuner of train_speed.build with a variant's settings."""
     set_numerics(variant.get("tf32", False))
-    return build(model, device, batch, graphs, seed=seed, precision=variant.get("precision", "float32"),
+    layout = torch.channels_last if variant.get("layout") == "nhwc" else None
+    return build(model, device, batch, graphs, seed=seed, layout=layout,
+                 precision=variant.get("precision", "float32"),
                  mix_slots=variant.get("mix_slots", "all"), compile=variant.get("compile", False),
                  compile_backend=backend)
 
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="resnet20a_cifar10")
     p.add_argument("--batch", type=int, default=None, help="generated samples per step (default: the paper's)")
-    p.add_argument("--variants", default="base,bf16,bounded,compile,tf32,all")
+    p.add_argument("--variants", default="base,bf16,bounded,compile,tf32,bf16-nhwc,all")
     p.add_argument("--iters", type=int, default=40, help="timed iterations per figure")
     p.add_argument("--streams", default="", help="e.g. 1,2,4: runs per process")
     p.add_argument("--streams-variant", default="base", choices=sorted(VARIANTS))

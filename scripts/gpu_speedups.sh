@@ -6,8 +6,10 @@
 #   tests.log     the CUDA tests of the speed-ups (graph replay = eager steps for each) and of graphs;
 #   speed.log     bench/speedups.py: ms per iteration and projected paper-protocol minutes for each
 #                 speed-up alone and all together, and runs per hour with 1, 2, 4 runs per process;
-#   quick.jsonl   quick-profile runs (TexQ W4A4, seeds 0..N-1) with the base settings and with all
-#                 the speed-ups on: does accuracy move beyond run-to-run noise?
+#   quick.jsonl   quick-profile runs (TexQ W4A4, seeds 0..N-1) with the base settings and with the
+#                 speed-ups that change numbers (bf16 + bounded; compile is speed only): does
+#                 accuracy move beyond run-to-run noise? As many seeds as the deadline allows;
+#                 TEXQ_CHECK_PHASES=quick runs this phase alone (n = 3 in one window).
 #   summary.txt   the figures above in a few lines;
 #   speed.err     the last 200 lines of the benchmark's stderr (compiler warnings, a failure's reason).
 # Each phase has a time limit and the script stops starting phases after TEXQ_CHECK_DEADLINE seconds
@@ -23,9 +25,11 @@ py="${PYTHON:-python3}"
 device="${TEXQ_DEVICE:-cuda}"
 deadline=$(( $(date +%s) + ${TEXQ_CHECK_DEADLINE:-500} ))
 seeds="${TEXQ_CHECK_SEEDS:-3}"
+phases=",${TEXQ_CHECK_PHASES:-tests,speed,quick},"   # which phases run (device and summary always do)
+want() { [[ "$phases" == *",$1,"* ]]; }
 if [ "$device" = cuda ]; then
     profile=quick bench_args=(--iters 40 --seconds 10 --streams "${TEXQ_CHECK_STREAMS-1,2,4}")
-    variants="${TEXQ_CHECK_VARIANTS:-base,bf16,bounded,compile,tf32,all}"
+    variants="${TEXQ_CHECK_VARIANTS:-base,bf16,bounded,compile,tf32,bf16-nhwc,all}"
 else
     profile=tiny bench_args=(--iters 2 --seconds 1 --streams 1,2 --device cpu --backend aot_eager
                              --model resnet8a_cifar10 --batch 8)
@@ -40,32 +44,37 @@ step "device"
 } > "$out/device.txt"
 cat "$out/device.txt"
 
-if [ "$device" = cuda ]; then
+if [ "$device" = cuda ] && want tests; then
     step "cuda tests of the speed-ups"
     timeout "$(( $(left) < 150 ? $(left) : 150 ))" "$py" -m pytest -q -p no:cacheprovider tests/run/test_cuda.py \
         -k "speedups or graph_replay" > "$out/tests.log" 2>&1
     echo "rc $?" >> "$out/tests.log"
 else
-    echo "skipped: no CUDA device" > "$out/tests.log"
+    echo "skipped: $(want tests && echo "no CUDA device" || echo "not among TEXQ_CHECK_PHASES")" > "$out/tests.log"
 fi
 tail -2 "$out/tests.log"
 
-step "speed table"
-timeout "$(( $(left) < 240 ? $(left) : 240 ))" "$py" bench/speedups.py --variants "$variants" "${bench_args[@]}" \
-    > "$out/speed.log" 2>"$out/speed.err"
-echo "rc $?" >> "$out/speed.log"
+: > "$out/speed.log"; : > "$out/speed.err"
+if want speed; then
+    step "speed table"
+    timeout "$(( $(left) < 240 ? $(left) : 240 ))" "$py" bench/speedups.py --variants "$variants" "${bench_args[@]}" \
+        > "$out/speed.log" 2>"$out/speed.err"
+    echo "rc $?" >> "$out/speed.log"
+fi
 grep -v '^{' "$out/speed.log"
 tail -n 200 "$out/speed.err" > "$out/speed.err.tmp" && mv "$out/speed.err.tmp" "$out/speed.err"
 
-step "quick-profile runs: base vs all speed-ups"
+step "quick-profile runs: base vs bf16 + bounded"
 : > "$out/quick.jsonl"
 mkdir -p "$out/.runs"
-if [ -f "$assets/cifar10/resnet20-12fca82f.th" ]; then
+if ! want quick; then
+    echo "quick-profile runs: not among TEXQ_CHECK_PHASES" >&2
+elif [ -f "$assets/cifar10/resnet20-12fca82f.th" ]; then
     for seed in $(seq 0 $(( seeds - 1 ))); do
         for variant in base all; do
             [ "$(left)" -gt 45 ] || { echo "deadline: seed $seed $variant not run" >&2; continue; }
             set_args=()
-            [ "$variant" = all ] && set_args=(--set precision=bf16 --set finetune.mix_slots=bounded --set compile=true)
+            [ "$variant" = all ] && set_args=(--set precision=bf16 --set finetune.mix_slots=bounded)
             [ "$variant" = all ] && [ "$device" != cuda ] && set_args=(--set finetune.mix_slots=bounded)
             run_dir="$out/.runs/$variant-$seed"
             rm -rf "$run_dir"
@@ -104,7 +113,7 @@ lines = (out / "speed.log").read_text().splitlines()
 rows = [ln for ln in lines if ln and not ln.startswith("{")]
 print("speed:", *[f"  {ln}" for ln in rows], sep="\n")
 quick = [json.loads(ln) for ln in (out / "quick.jsonl").read_text().splitlines() if ln.strip()]
-for variant in ("base", "all"):
+for variant in ("base", "all"):  # all: bf16 + bounded
     done = [r for r in quick if r["variant"] == variant and "top1" in r]
     if done:
         tops = [r["top1"] for r in done]

@@ -164,6 +164,12 @@ class BNStatsCollector:
             self._attached = True
         return self
 
+    def detach(self) -> None:
+        """Take the hooks off the model again."""
+        for h in self._handles:
+            h.remove()
+        self._handles, self._attached, self._active = [], False, False
+
     def _register(self) -> None:
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.layers)]
 

@@ -13,7 +13,6 @@ G's samples, or Q's whole training batch with ``act_calib_inputs='batch'``), the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
 
 import torch
 from torch import Tensor, nn
@@ -28,79 +27,21 @@ from texq.method.bns import (
     distort,
     layer_weights,
 )
+from texq.method.finetune_config import (  # noqa: F401 (re-exported: the config lives beside its code)
+    ACT_CALIB_AT,
+    ACT_CALIB_INPUTS,
+    COUNT_TERMS,
+    HISTORY_TERMS,
+    MIX_SLOTS,
+    FinetuneConfig,
+)
 from texq.method.generator import Generator, GeneratorConfig
-from texq.method.kd import KD_REDUCTIONS, kd_loss
-from texq.method.mixup import mix_capacity, mixup_samples
+from texq.method.kd import kd_loss
+from texq.method.mixup import bounded_slots, mix_capacity, mixup_samples
 from texq.models import get_info
 from texq.quant import act_quantizers, set_observing
-from texq.util.domains import (
-    COUNT,
-    FRACTION,
-    NON_NEGATIVE,
-    NON_NEGATIVE_INT,
-    POSITIVE,
-    PROBABILITY,
-    check_fields,
-    one_of,
-)
-from texq.util.errors import ConfigError
 from texq.util.graphs import GraphedStep, module_state
 from texq.util.precision import autocast, compile_step, float32_batchnorm
-
-ACT_CALIB_AT = ("start", "end")  # the first / the last act_calib_epochs epochs of the warm-up
-ACT_CALIB_INPUTS = ("generated", "batch")  # G's samples / Q's batch (G's + calibration images)
-MIX_SLOTS = ("all", "bounded")  # fixed-shape mixup: Q scores all n mixes / at most mix_capacity(n, p)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Step 3: the quantized model Q trained with Eq. 14 while G keeps learning."""
-
-    warmup_epochs: Annotated[int, COUNT] = 50  # G alone first (paper)
-    epochs: Annotated[int, COUNT] = 450  # then G and Q together (paper)
-    iters_per_epoch: Annotated[int, COUNT] = 200  # not in the paper; its lineage's value
-    batch_size: Annotated[int, COUNT] = 128  # generated samples per step: 128 CIFAR, 16 ImageNet (paper)
-    lr: Annotated[float, POSITIVE] = 1e-4  # Q's SGD (nesterov, momentum 0.9) learning rate, CIFAR value of GDFQ/IntraQ
-    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4  # GDFQ's
-    alpha6: Annotated[float, NON_NEGATIVE] = 20.0  # weight of the distillation loss, Eq. 14 (paper)
-    kd_temperature: Annotated[float, POSITIVE] = 20.0  # softmax temperature of the KL term (lineage: T = 20, x T^2)
-    kd_reduction: Annotated[str, one_of(*KD_REDUCTIONS)] = "mean"  # KL averaged over batch x classes, as the lineage's nn.KLDivLoss()
-    mixup_p: Annotated[float, PROBABILITY] = 0.2  # probability that a sample is mixed, Eq. 9 (paper)
-    act_calib_epochs: Annotated[int, COUNT] = 4  # activation ranges follow Q's inputs for this many warm-up epochs, then freeze
-    act_calib_at: Annotated[str, one_of(*ACT_CALIB_AT)] = "start"  # which warm-up epochs observe: the first (GDFQ's rule) or the last
-    act_calib_inputs: Annotated[str, one_of(*ACT_CALIB_INPUTS)] = "generated"  # observe G's samples (GDFQ) or Q's training batch ("batch")
-    calib_per_batch: Annotated[int, NON_NEGATIVE_INT] = 16  # calibration images added to each batch (FDDA uses 16)
-    calib_augment: bool = True  # random resized crop + flip of calibration images (FDDA)
-    calib_crop_scale: Annotated[tuple[float, float], FRACTION] = (0.5, 1.0)  # crop area range: IntraQ's 0.5 for 32x32
-    mix_slots: Annotated[str, one_of(*MIX_SLOTS)] = "all"  # CUDA graphs: Q scores all n mixes (exact) or only the mixed ones, up to a bound
-
-    def __post_init__(self) -> None:
-        check_fields(self, "finetune.")
-        if not self.act_calib_epochs <= self.warmup_epochs:
-            raise ConfigError(f"finetune.act_calib_epochs={self.act_calib_epochs} with warmup_epochs="
-                              f"{self.warmup_epochs}: expected 1 <= act_calib_epochs <= warmup_epochs "
-                              f"(ranges are observed during the warm-up; Q must train on frozen "
-                              f"activation ranges, which its CUDA graph bakes in)")
-        low, high = self.calib_crop_scale
-        if low > high:
-            raise ConfigError(f"finetune.calib_crop_scale={self.calib_crop_scale!r}: expected the "
-                              f"smaller crop area first")
-
-    def observes(self, epoch: int) -> bool:
-        """Whether activation ranges are observed in ``epoch`` (0-based; always a warm-up epoch)."""
-        first = self.first_observed_epoch()
-        return first <= epoch < first + self.act_calib_epochs
-
-    def first_observed_epoch(self) -> int:
-        return 0 if self.act_calib_at == "start" else self.warmup_epochs - self.act_calib_epochs
-
-
-#: every term a history row can hold, as MLflow, DVC's plot and history.jsonl name them: G's
-#: Eq. 12 terms (CE, BNS against F's running statistics, the centers' layered and distorted BNS),
-#: then Q's Eq. 13-14 terms (CE on labelled samples, KD) and the mixed samples per step (Eq. 9)
-HISTORY_TERMS = ("generator/ce_loss", "generator/bns_loss", "generator/layered_bns_loss",
-                 "generator/distorted_bns_loss", "quantized/ce_loss", "quantized/kd_loss",
-                 "quantized/mixed_per_step", "quantized/mix_overflow")
 
 
 def _short(term: str) -> str:
@@ -182,11 +123,20 @@ class Finetuner:
                                    cuda_graphs, rehearse=rehearse, key=lambda: [
                                        (a.observing, a._frozen) for a in act_quantizers(qmodel)])
         self.fixed_shapes = (self._q_step.capture or compile) if fixed_shapes is None else fixed_shapes
-        self.bounded = self.fixed_shapes and mkd and fcfg.mix_slots == "bounded"
-        if self.bounded:  # Q's batch: G's samples plus the calibration images drawn per step
-            calib = 0 if self.calib_images is None else min(fcfg.calib_per_batch, len(self.calib_images))
-            self.mix_capacity = mix_capacity(fcfg.batch_size + calib, fcfg.mixup_p)
-        self.q_terms = list(HISTORY_TERMS[4:] if self.bounded else HISTORY_TERMS[4:-1])
+        # Q's batch: G's (or the real) samples plus the calibration images drawn per step
+        calib = 0 if self.calib_images is None else min(fcfg.calib_per_batch, len(self.calib_images))
+        self.mix_capacity = mix_capacity(fcfg.batch_size + calib, fcfg.mixup_p)
+
+    @property
+    def q_terms(self) -> list[str]:
+        """Q's terms in the order ``quant_loss`` returns them."""
+        return list(HISTORY_TERMS[4:] if self.bounded else HISTORY_TERMS[4:-1])
+
+    @property
+    def bounded(self) -> bool:
+        """Whether Q's fixed-shape batch has ``mix_capacity`` slots for the mixes (``mix_slots:
+        bounded``) rather than all n."""
+        return self.fixed_shapes and self.mkd and self.fcfg.mix_slots == "bounded"
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -243,8 +193,9 @@ class Finetuner:
         and Q runs in eval mode with frozen ranges, so samples do not interact. With
         ``fixed_shapes`` (what a CUDA graph needs) Q scores the n samples and all n mixes;
         otherwise the n samples and only the m mixed ones, the unmixed ones reusing the CE pass
-        (cheaper where nothing is captured; the same draws and the same maths). Without MKD the
-        KD term is on x itself."""
+        (cheaper where nothing is captured; the same draws and the same maths); with
+        ``mix_slots: bounded`` and fixed shapes, the n samples and ``mix_capacity`` slots
+        (``_bounded_mix``). Without MKD the KD term is on x itself."""
         extra = self._calib_batch()
         if extra is not None:
             x, y = torch.cat([x, extra[0]]), torch.cat([y, extra[1]])
@@ -286,9 +237,7 @@ class Finetuner:
         with more than c mixes: probability <= 1e-6) stay unmixed, and are counted. Returns
         Q's scores for KD, Q's output, F's input and the mask of samples mixed in the end."""
         n = len(x)
-        order = torch.argsort((~mixed).to(torch.uint8), stable=True)[:min(self.mix_capacity, n)]
-        slot_mixed = mixed[order]  # this slot holds a mixed sample
-        kept = torch.zeros_like(mixed).index_copy(0, order, slot_mixed)
+        order, slot_mixed, kept = bounded_slots(mixed, self.mix_capacity)
         kd_in = torch.where(kept.view(-1, *([1] * (x.dim() - 1))), x_mix, x)
         out = self.q(torch.cat([x, kd_in[order]])).float()
         own = out[:n]
@@ -309,8 +258,10 @@ class Finetuner:
         return x, self.calib_labels[idx]
 
     # ------------------------------------------------------------------------------ steps
-    def remove_hooks(self) -> None:
-        """Remove the float32 BatchNorm hooks that ``precision`` placed on F, Q and G."""
+    def close(self) -> None:
+        """Take the Finetuner's hooks off F, Q and G (the BN-statistics recorder's, and the
+        float32 BatchNorm hooks of ``precision: bf16``): the models are as they were given."""
+        self.bns.detach()
         for h in self._amp_hooks:
             h.remove()
         self._amp_hooks = []
@@ -381,6 +332,6 @@ class Finetuner:
             self.sched_g.step()
         means = dict(zip(names, (sums / cfg.iters_per_epoch).tolist()))
         if bar is not None and means:
-            bar.set_postfix({_short(k): f"{v:.3g}" for k, v in means.items() if k != HISTORY_TERMS[-1]})
+            bar.set_postfix({_short(k): f"{v:.3g}" for k, v in means.items() if k not in COUNT_TERMS})
         return {"epoch": epoch, "phase": "joint" if training_q else "warmup",
                 "quantized/lr": self.opt_q.param_groups[0]["lr"], **means}

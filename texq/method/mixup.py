@@ -34,3 +34,16 @@ def mix_capacity(n: int, p: float, tail: float = 1e-6) -> int:
         if 1.0 - below <= tail:
             return c
     return n
+
+
+def bounded_slots(mixed: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Q's ``capacity`` slots for the mixed samples of a step (a fixed shape: no host sync).
+
+    Returns ``order`` (c,), the batch indices the slots hold: the mixed samples first, in batch
+    order, then unmixed ones; ``slot_mixed`` (c,), whether a slot holds a mixed sample; and
+    ``kept`` (n,), the samples mixed in the end: those of ``mixed`` that found a slot (any beyond
+    the c-th stay unmixed). c = min(capacity, n)."""
+    order = torch.argsort((~mixed).to(torch.uint8), stable=True)[:min(capacity, len(mixed))]
+    slot_mixed = mixed[order]
+    kept = torch.zeros_like(mixed).index_copy(0, order, slot_mixed)
+    return order, slot_mixed, kept

@@ -1,5 +1,5 @@
 """A run's configuration: ``RunConfig`` composes the method's configs (each defined beside what it
-computes: ``texq.method.calibration``, ``.generator``, ``.finetune``, ``.distill``, and the
+computes: ``texq.method.calibration``, ``.generator``, ``.finetune_config``, ``.distill``, and the
 quantizer's ``texq.quant.QuantOptions``) under the run's own settings, and the profiles.
 
 Defaults are the paper's values (section 4.1 and 4.3) where it gives them; the rest follow the code
@@ -19,7 +19,7 @@ from typing import Annotated, Mapping
 
 from texq.method.calibration import CalibrationConfig
 from texq.method.distill import DistillConfig
-from texq.method.finetune import FinetuneConfig
+from texq.method.finetune_config import FinetuneConfig
 from texq.method.generator import GeneratorConfig
 from texq.models import ModelInfo, check_weights, model_info
 from texq.quant import BITS, QuantConfig, QuantOptions

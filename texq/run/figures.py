@@ -23,7 +23,7 @@ from texq.util.errors import TexqError
 from texq.util.io import atomic_path, load_torch
 
 MAX_GRID = 100  # most images in a picture's grid (10 rows of 10)
-COUNTS = {"quantized/mixed_per_step"}  # not a loss: mixed samples per batch (Eq. 9), its own panel
+COUNTS = {"quantized/mixed_per_step", "quantized/mix_overflow"}  # not losses: mixed samples per batch (Eq. 9), its own panel
 PANELS = (("generator (Eq. 12 terms)", lambda k: k.startswith("generator/")),
           ("quantized model (Eq. 13-14 terms)", lambda k: k.endswith("_loss") and k.startswith("quantized/")),
           ("mixup: mixed samples per batch", lambda k: k in COUNTS),

@@ -83,7 +83,10 @@ def _quantized_model(cfg: RunConfig, fp_model: nn.Module, layout: Layout, work: 
             device, memory_format=nhwc)
     tuner = Finetuner(fp_model, qmodel, sources, cfg.generator, cfg.finetune, cfg.mkd, device,
                       cfg.bns_norm, cfg.cuda_graphs, precision=cfg.precision, compile=cfg.compile)
-    prior = _train(tuner, work / "checkpoint.pt", work / "history.jsonl", progress)
+    try:
+        prior = _train(tuner, work / "checkpoint.pt", work / "history.jsonl", progress)
+    finally:
+        tuner.close()
     if sources.generator is not None:
         save_torch(work / "generator.pt", sources.generator.state_dict())
     return qmodel, prior

@@ -4,10 +4,13 @@
 while everything whose precision the method depends on stays float32:
 
 - the quantizers' arithmetic (x/s, rounding, clamp, zero point): :func:`float32_quantizer` runs a
-  quantizer with autocast off on a float32 input, so a 3-bit grid is the grid of a float32 run;
+  quantizer with autocast off on a float32 input, so which grid point a value takes is decided in
+  float32. The convolution then casts the fake-quantized weight s*(k - z) and activation to bf16,
+  which moves each grid value by up to 2^-9 of itself;
 - BatchNorm: :func:`float32_batchnorm` casts each BatchNorm layer's input to float32, so its
   normalisation, its running statistics and the BNS losses' batch statistics are float32;
-- the losses: logits are cast to float32 before cross-entropy and the KL term.
+- the losses: logits are cast to float32 before cross-entropy and the KL term (float32 arithmetic
+  on logits that a bf16 linear layer produced).
 
 Weights, gradients and optimizer states stay float32 (autocast casts copies). A bf16 product
 has an 8-bit mantissa: this changes the numbers, so ``precision`` is part of a run's
