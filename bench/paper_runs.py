@@ -91,7 +91,7 @@ def cmd_run(args) -> int:
         if (RESULTS / name / "metrics.json").exists():
             continue  # committed already
         left = deadline - time.monotonic()
-        if left < args.min_seconds or len(touched) >= MAX_FILES - 1:
+        if left < args.min_seconds or len(touched) >= args.max_files - 1:
             break
         folder = runs_dir / name
         cmd = command(name, folder, assets, args.profile, args.device, extra)
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="paper")
     r.add_argument("--device", default="cuda")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--max-files", type=int, default=MAX_FILES, help="files to write at most (summary included)")
     u = sub.add_parser("unpack")
     u.add_argument("folder")
     u.add_argument("--dir", default="out/gpu_paper")

@@ -11,7 +11,9 @@
 #                 accuracy move beyond run-to-run noise? As many seeds as the deadline allows;
 #                 TEXQ_CHECK_PHASES=quick runs this phase alone (n = 3 in one window).
 #   summary.txt   the figures above in a few lines;
-#   speed.err     the last 200 lines of the benchmark's stderr (compiler warnings, a failure's reason).
+#   speed.err     the last 200 lines of the benchmark's stderr (compiler warnings, a failure's reason);
+#   paper/        with TEXQ_CHECK_PHASES=...,paper: bench/paper_runs.py in the time left (Table 1's runs
+#                 in order, $TEXQ_PAPER_RUNS to choose): its summary.txt and one <run>.tar.gz to carry on.
 # Each phase has a time limit and the script stops starting phases after TEXQ_CHECK_DEADLINE seconds
 # (default 500), so the command ends within a 9-minute window with its files written.
 # TEXQ_DEVICE=cpu runs the same phases on the CPU with the tiny profile (the tests' check).
@@ -28,10 +30,10 @@ seeds="${TEXQ_CHECK_SEEDS:-3}"
 phases=",${TEXQ_CHECK_PHASES:-tests,speed,quick},"   # which phases run (device and summary always do)
 want() { [[ "$phases" == *",$1,"* ]]; }
 if [ "$device" = cuda ]; then
-    profile=quick bench_args=(--iters 40 --seconds 10 --streams "${TEXQ_CHECK_STREAMS-1,2,4}")
+    profile=quick paper_profile=paper bench_args=(--iters 40 --seconds 10 --streams "${TEXQ_CHECK_STREAMS-1,2,4}")
     variants="${TEXQ_CHECK_VARIANTS:-base,bf16,bounded,compile,tf32,bf16-nhwc,all}"
 else
-    profile=tiny bench_args=(--iters 2 --seconds 1 --streams 1,2 --device cpu --backend aot_eager
+    profile=tiny paper_profile=tiny bench_args=(--iters 2 --seconds 1 --streams 1,2 --device cpu --backend aot_eager
                              --model resnet8a_cifar10 --batch 8)
     variants="${TEXQ_CHECK_VARIANTS:-base,bounded,all}"
 fi
@@ -101,6 +103,13 @@ else
 fi
 rm -rf "$out/.runs"
 
+if want paper; then
+    step "paper protocol in the time left"
+    read -r -a paper_runs <<< "${TEXQ_PAPER_RUNS:-}"
+    "$py" bench/paper_runs.py run "${paper_runs[@]}" --seconds "$(( $(left) > 0 ? $(left) : 0 ))" \
+        --out "$out/paper" --assets "$assets" --device "$device" --profile "$paper_profile" --max-files 2
+fi
+
 step "summary"
 "$py" - "$out" > "$out/summary.txt" <<'PY'
 import json, statistics, sys
@@ -112,6 +121,9 @@ print("tests:", " / ".join(tail[-2:]) if tail else "no output")
 lines = (out / "speed.log").read_text().splitlines()
 rows = [ln for ln in lines if ln and not ln.startswith("{")]
 print("speed:", *[f"  {ln}" for ln in rows], sep="\n")
+paper = out / "paper" / "summary.txt"
+if paper.exists():
+    print("paper protocol:", *[f"  {ln}" for ln in paper.read_text().splitlines()], sep="\n")
 quick = [json.loads(ln) for ln in (out / "quick.jsonl").read_text().splitlines() if ln.strip()]
 for variant in ("base", "all"):  # all: bf16 + bounded
     done = [r for r in quick if r["variant"] == variant and "top1" in r]

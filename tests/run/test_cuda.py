@@ -142,11 +142,14 @@ def _run_steps(tuner, n: int = 6):
                                    {"compile": True}], ids=["bounded", "bf16", "compile"])
 def test_speedups_replay_as_graphs_what_they_compute_eagerly(speed):
     """Each candidate speed-up, captured as CUDA graphs, computes what the same setting computes
-    in eager steps (same draws); bounded and compiled steps also agree with the base's terms."""
+    in eager steps (same draws); bounded and compiled steps also agree with the base's terms,
+    bf16 steps stay within 5% of them."""
     eager = _run_steps(_full_tuner(False, **speed))
     graphed = _run_steps(_full_tuner(True, **speed))
     assert torch.isfinite(graphed).all()
     assert torch.allclose(eager, graphed, rtol=1e-3, atol=1e-5)
+    base = _run_steps(_full_tuner(True))
     if "precision" not in speed:
-        base = _run_steps(_full_tuner(True))
         assert torch.allclose(base, graphed[:, :base.shape[1]], rtol=1e-3, atol=1e-5)
+    else:  # bf16 products: close to float32, not equal
+        assert torch.allclose(base, graphed, rtol=5e-2, atol=1e-4) and not torch.equal(base, graphed)

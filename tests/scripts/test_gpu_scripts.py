@@ -22,12 +22,15 @@ import paper_runs  # noqa: E402
 def test_gpu_speedups_script_writes_its_few_files_on_the_cpu(tmp_path, assets):
     out = tmp_path / "check"
     env = {**os.environ, "TEXQ_DEVICE": "cpu", "TEXQ_CHECK_SEEDS": "1", "TEXQ_CHECK_OUT": str(out),
-           "TEXQ_ASSETS": str(assets), "PYTHON": sys.executable}
+           "TEXQ_ASSETS": str(assets), "PYTHON": sys.executable,
+           "TEXQ_CHECK_PHASES": "tests,speed,quick,paper", "TEXQ_PAPER_RUNS": "gdfq-w4a4-s0"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_speedups.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["device.txt", "quick.jsonl", "speed.err", "speed.log", "summary.txt", "tests.log"]
+    assert files == ["device.txt", "paper", "quick.jsonl", "speed.err", "speed.log", "summary.txt",
+                     "tests.log"]
+    assert sorted(p.name for p in (out / "paper").iterdir()) == ["gdfq-w4a4-s0.tar.gz", "summary.txt"]
     summary = (out / "summary.txt").read_text()
     for variant in ("base", "bounded", "all"):
         assert any(line.split()[:1] == [variant] for line in summary.splitlines()[3:]), summary
@@ -36,6 +39,7 @@ def test_gpu_speedups_script_writes_its_few_files_on_the_cpu(tmp_path, assets):
     assert [(r["variant"], r["rc"]) for r in rows] == [("base", 0), ("all", 0)]
     assert all(r["profile"] == "tiny" and 0 < r["top1"] <= 100 for r in rows)
     assert "quick profile base: top-1" in summary and "quick profile all: top-1" in summary
+    assert "gdfq-w4a4-s0: rc 0; finished: top-1" in summary  # the paper phase, tiny profile on the CPU
 
 
 def test_paper_runs_carry_a_stopped_run_to_the_next_window(tmp_path, assets):
