@@ -60,7 +60,7 @@ def _steps(tuner, n=3):
 
 
 # ------------------------------------------------------------------ Q's bounded mixup batch
-@pytest.mark.parametrize("n, p", [(144, 0.2), (80, 0.2), (16, 0.5), (30, 0.0), (5, 1.0)])
+@pytest.mark.parametrize("n, p", [(144, 0.2), (80, 0.2), (16, 0.5), (30, 0.0), (5, 1.0), (2000, 0.2)])
 def test_mix_capacity_is_the_binomial_tail_bound(n, p):
     """The smallest c with P(Binomial(n, p) > c) <= 1e-6, against torch.distributions' pmf."""
     c = mix_capacity(n, p)

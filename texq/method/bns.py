@@ -166,12 +166,16 @@ class BNStatsCollector:
 
     def detach(self) -> None:
         """Take the hooks off the model again."""
-        for h in self._handles:
-            h.remove()
-        self._handles, self._attached, self._active = [], False, False
+        self._remove()
+        self._attached = self._active = False
 
     def _register(self) -> None:
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def __enter__(self) -> "BNStatsCollector":
         if not self._attached:
@@ -182,9 +186,7 @@ class BNStatsCollector:
     def __exit__(self, *exc) -> None:
         self._active = False
         if not self._attached:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
+            self._remove()
 
     def running(self) -> list[LayerStats]:
         """The BN layers' stored running mean and variance (the targets of Eq. 3)."""

@@ -121,7 +121,7 @@ class Finetuner:
         # Q's graph bakes in its activation quantizers' mode and frozen ranges: a change recaptures
         self._q_step = GraphedStep(q_pass, self.device, list(qmodel.parameters()), state,
                                    cuda_graphs, rehearse=rehearse, key=lambda: [
-                                       (a.observing, a._frozen) for a in act_quantizers(qmodel)])
+                                       (a.observing, a._frozen) for a in self._act_quantizers])
         self.fixed_shapes = (self._q_step.capture or compile) if fixed_shapes is None else fixed_shapes
         # Q's batch: G's (or the real) samples plus the calibration images drawn per step
         calib = 0 if self.calib_images is None else min(fcfg.calib_per_batch, len(self.calib_images))

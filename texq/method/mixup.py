@@ -28,9 +28,14 @@ def mixup_samples(x: Tensor, p: float, generator: torch.Generator | None = None
 def mix_capacity(n: int, p: float, tail: float = 1e-6) -> int:
     """The smallest c with P(more than c of n samples are mixed) <= ``tail``, each mixed with
     probability ``p`` (Eq. 9: the count is Binomial(n, p)); n when p = 1."""
-    below, c = 0.0, 0
-    for c in range(n + 1):
-        below += math.comb(n, c) * p ** c * (1 - p) ** (n - c)
+    if p <= 0.0:
+        return 0
+    if p >= 1.0:
+        return n
+    below = 0.0
+    for c in range(n + 1):  # the pmf in log space: comb(n, c) overflows a float from n ~ 1030
+        below += math.exp(math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1)
+                          + c * math.log(p) + (n - c) * math.log1p(-p))
         if 1.0 - below <= tail:
             return c
     return n
