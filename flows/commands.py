@@ -55,6 +55,7 @@ def cmd_track(args: argparse.Namespace) -> dict:
         from flows import sync
     except ImportError as exc:
         raise TexqError(f"texq track needs the pipeline extra (pip install -e '.[pipeline]'): {exc}")
+    from flows.credentials import refusal
     from flows.record import tracking_error
     from flows.store import tracking_uri
 
@@ -65,6 +66,8 @@ def cmd_track(args: argparse.Namespace) -> dict:
     except TexqError:
         raise
     except Exception as exc:
+        if line := refusal(exc):  # a lab's MLflow or Prefect server: 401/403, an unverified certificate
+            raise TexqError(line) from exc
         if tracking_error(exc) and not isinstance(exc, OSError):
             from flows.record import failure_line
 

@@ -8,15 +8,40 @@ from pathlib import Path
 
 from flows.store import client_uri, safe_name
 
+RESULT_TAG = "texq.metrics_sha256"  # on a logged model: the metrics.json it was logged for
 
-def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool, scores: dict) -> str:
+
+def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool, scores: dict,
+                        result: str = "") -> str:
     """The quantized model as an MLflow model of the run (``mlflow.pytorch``, with a signature and
     an input example: one image in the model's normalised input space), logged after the run's
-    scores so that the model page lists them; registered as a new version of
-    ``texq-<model>-wXaY`` when ``register``, the version tagged with the run's figures
-    (``scores``: the evaluate stage's metrics.json) and described in one line; returns its URI
-    (also the run's tag ``texq.model_uri``). Pickled (not torch.export's pt2, which drops the
-    module's attributes and its eval mode): loading it needs texq importable."""
+    scores so that the model page lists them; registered as a version of ``texq-<model>-wXaY``
+    when ``register``, the version tagged with the run's figures (``scores``: the evaluate stage's
+    metrics.json) and described in one line; returns its URI (also the run's tag
+    ``texq.model_uri``). Pickled (not torch.export's pt2, which drops the module's attributes and
+    its eval mode): loading it needs texq importable.
+
+    Idempotent for one ``result`` (the metrics.json's digest, a tag of the logged model): a model
+    of this run already logged for it is not logged again, nor a version registered again, whatever
+    failed in between. No active run is opened (MLflow's fluent run would set the run RUNNING and
+    end it FAILED on an upload error): the run's state is never changed here."""
+    from mlflow.entities import LoggedModelStatus
+
+    exp = c.get_run(run_id).info.experiment_id
+    found = [m for m in c.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+             if m.tags.get(RESULT_TAG) == result and m.status == LoggedModelStatus.READY] if result else []
+    if found:
+        model_id, uri = found[0].model_id, found[0].model_uri
+    else:
+        model_id, uri = _log(c, run_id, path, result)
+    c.set_tag(run_id, "texq.model_uri", uri)
+    if register:
+        _register(c, run_id, model_id, cfg, scores)
+    return uri
+
+
+def _log(c, run_id: str, path: Path, result: str) -> tuple[str, str]:
+    """Log the model of ``path`` into run ``run_id``; its logged model's id and URI."""
     import mlflow
     import mlflow.pytorch
     import numpy as np
@@ -30,21 +55,41 @@ def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool, scores:
     x = np.zeros((1, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         y = q(torch.from_numpy(x)).numpy()
-    name = (f"texq-{safe_name(cfg.model, keep='_-.', sub='-')}-w{cfg.w_bits}a{cfg.a_bits}"  # a factory's ':'
-            if register else None)
-    mlflow.set_tracking_uri(client_uri())
-    with mlflow.start_run(run_id=run_id):  # mlflow.pytorch logs into the active run only
-        info = mlflow.pytorch.log_model(
-            q, name="quantized_model", signature=infer_signature(x, y), input_example=x,
-            registered_model_name=name, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            serialization_format="pickle", step=0)  # the module itself, texq_info and quantizers included
-    c.set_tag(run_id, "texq.model_uri", info.model_uri)
-    if name and info.registered_model_version is not None:
-        version = str(info.registered_model_version)
-        for key, value in version_tags(cfg, scores).items():
-            c.set_model_version_tag(name, version, key, value)
-        c.update_model_version(name, version, description=version_description(cfg, scores))
-    return info.model_uri
+    run = c.get_run(run_id)
+    # made here, in the run's experiment (MLflow would put it in the active, else the default,
+    # experiment), with the run's params as MLflow gives them and the result it was logged for
+    model = c.create_logged_model(run.info.experiment_id, name="quantized_model", source_run_id=run_id,
+                                  tags={RESULT_TAG: result} if result else None, params=run.data.params)
+    mlflow.set_tracking_uri(client_uri())  # where Model.log's own client writes
+    info = mlflow.pytorch.log_model(
+        q, name="quantized_model", signature=infer_signature(x, y), input_example=x, run_id=run_id,
+        model_id=model.model_id, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        serialization_format="pickle", step=0)  # the module itself, texq_info and quantizers included
+    return info.model_id, info.model_uri
+
+
+def registered_name(cfg) -> str:
+    """The registered model a run's model becomes a version of (a factory's ':' replaced)."""
+    return f"texq-{safe_name(cfg.model, keep='_-.', sub='-')}-w{cfg.w_bits}a{cfg.a_bits}"
+
+
+def _register(c, run_id: str, model_id: str, cfg, scores: dict) -> str:
+    """The version of :func:`registered_name` holding logged model ``model_id`` (made once),
+    tagged with the run's figures and described; returns its number."""
+    import mlflow
+
+    name = registered_name(cfg)
+    versions = [v for v in c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+                if getattr(v, "model_id", None) == model_id or v.source == f"models:/{model_id}"]
+    if versions:
+        version = str(versions[0].version)
+    else:  # MLflow's own registration: it also links the version from the logged model's page
+        mlflow.set_tracking_uri(client_uri())
+        version = str(mlflow.register_model(f"models:/{model_id}", name).version)
+    for key, value in version_tags(cfg, scores).items():
+        c.set_model_version_tag(name, version, key, value)
+    c.update_model_version(name, version, description=version_description(cfg, scores))
+    return version
 
 
 def version_tags(cfg, scores: dict) -> dict[str, str]:

@@ -8,24 +8,30 @@ the runs up from the work pool, on one host or many.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
-import re
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import Field, StringConstraints
+from pydantic import StringConstraints
 
-from flows import ROOT, store, tracking, workspace
+from flows import record, store, tracking, workspace
+from flows.grid import (
+    Grid,
+    child_folder,
+    child_result,
+    expand,
+    label,
+    ordered_axes,
+    record_grid,
+    wait_final,
+)
 from flows.store import client, experiment_id
 from texq.pipeline import STAGES, load_params
 from texq.util.errors import TexqError
-from texq.util.keys import assign, leaves
+from texq.util.keys import assign
 
 
 def merged_params(base: str | Path | dict, overrides: dict[str, Any]) -> dict:
@@ -44,16 +50,12 @@ def merged_params(base: str | Path | dict, overrides: dict[str, Any]) -> dict:
     return params
 
 
-# The grid as the Prefect form and API take it: keys of params.yaml (comma-joined for a zipped axis)
-# to non-empty lists. The server refuses any other key when a run is submitted (the deployment's
-# parameter schema), before a run exists; values are checked by the grid flow before any child.
-_ORDER = {k: i for i, k in enumerate(leaves(load_params(ROOT / "params.yaml")))}  # params.yaml's key order
-_KEYS = "|".join(re.escape(k) for k in sorted(_ORDER, key=len, reverse=True))
-GRID_KEY = rf"^({_KEYS})(,({_KEYS}))*$"
-GRID_EXAMPLE = {"w_bits,a_bits": [[3, 3], [4, 4]], "finetune.alpha6": [10, 20], "seed": [0, 1, 2]}
-Grid = Annotated[
-    dict[Annotated[str, StringConstraints(pattern=GRID_KEY)], Annotated[list, Field(min_length=1)]],
-    Field(min_length=1, examples=[GRID_EXAMPLE], json_schema_extra={"additionalProperties": False})]
+# The other parameters as the server checks them when a run is submitted (the run form refuses
+# anything else, naming the parameter); paths are checked by the flow before it writes anything
+Device = Literal["auto", "cpu", "cuda"]  # texq.util.device.DEVICES
+RunId = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")]  # an MLflow run id, or empty
+RunName = Annotated[str, StringConstraints(max_length=250, pattern=r"^[^\x00-\x1f]*$")]  # MLflow's limit, one line
+Deployment = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")]  # flow-name/deployment-name
 
 
 def _end_mlflow_runs(status: str):
@@ -106,9 +108,9 @@ def stage(name: str, folder: str, device: str = "auto", context: dict | None = N
 
 @flow(name="texq-pipeline", **END_HOOKS)
 def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "params.yaml",
-                  out: str = "runs/pipeline", device: str = "auto",
-                  parent_run_id: str | None = None, params: dict[str, Any] | None = None,
-                  run_name: str = "") -> dict:
+                  out: str = "runs/pipeline", device: Device = "auto",
+                  parent_run_id: RunId | None = None, params: dict[str, Any] | None = None,
+                  run_name: RunName = "") -> dict:
     """teacher -> synthesize -> train -> evaluate in a DVC workspace; returns the evaluate
     stage's metrics. Rerun on the same folder (or with a DVC remote, on any host), only what DVC
     finds changed reruns.
@@ -116,18 +118,24 @@ def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "p
     Args:
         overrides: dotted params.yaml keys and their values for this run, e.g.
             {"finetune.alpha6": 10, "w_bits": 3}; each is checked before any stage runs.
-        base_params: the params file the overrides apply to, relative to the worker's checkout.
+        base_params: the params file the overrides apply to, relative to the worker's checkout
+            (a file in the checkout or under its workspace root).
         out: the run's folder (its params.yaml, dvc.lock and out/pipeline), relative to the
-            worker's checkout; a rerun into the same folder reruns only what changed.
+            worker's checkout, inside its workspace root (runs/, or TEXQ_WORKSPACES on the
+            worker): anything else is refused before a file is written. A rerun into the same
+            folder reruns only what changed.
         device: auto (CUDA when present), cpu or cuda.
         parent_run_id: the MLflow run this run is a child of (a grid's); empty for none.
         params: the base params as a mapping, instead of base_params (a grid passes its own).
         run_name: the MLflow run's name; empty: method-wXaY-sSEED-profile.
     """
     log = get_run_logger()
+    # every parameter checked before anything is written (a flow run may come from anyone who
+    # reaches the Prefect server): the folder under the workspace root, the params and overrides
+    where = workspace.workspace_path(out)
+    merged = merged_params(params if params is not None else workspace.params_path(base_params), overrides or {})
     _reconcile(log)
-    folder = workspace.prepare(out, merged_params(params if params is not None else base_params,
-                                                  overrides or {}))
+    folder = workspace.prepare(where, merged)
     fid = flow_run.get_id() or ""
     context = {"parent_run_id": parent_run_id or "", "flow_run_id": fid, "run_name": run_name}
     result: dict = {}
@@ -157,59 +165,35 @@ def _reconcile(log) -> None:
 
 
 def _publish_result(folder: Path, fid: str, result: dict, ran: list[str]) -> None:
-    """The run's result as its Prefect table artifact (read by a grid through the server): top-1,
-    its interval, the stages that ran (none: every one restored or up to date) and the MLflow run
-    that holds it (this flow run's, else the earlier one that logged the same metrics.json)."""
+    """The run's result as its Prefect table artifact (read by a grid through the server)."""
     from prefect.artifacts import create_table_artifact
 
+    create_table_artifact([result_row(folder, fid, result, ran, get_run_logger())], key="texq-result",
+                          description="top-1 of the final-epoch model; the MLflow run holding it")
+
+
+def result_row(folder: Path, fid: str, result: dict, ran: list[str], log) -> dict:
+    """A pipeline run's result row: top-1, its interval, the stages that ran (none: every one
+    restored or up to date) and the MLflow run that holds it (this flow run's, else the earlier one
+    that logged the same metrics.json). The stages succeeded: a store that does not answer now
+    leaves the MLflow columns empty and fails nothing."""
+    run_id, url = record.quietly(log, "the result's MLflow run", (None, ""), lambda: _result_run(folder, fid))
+    low, high = result["top1_ci95"]
+    return {"top1": result["top1"], "top1_ci95": f"{low:.2f}-{high:.2f}",
+            "stages_run": ",".join(ran) or "none", "mlflow_run_id": run_id or "",
+            "mlflow_run": url or run_id or ""}
+
+
+def _result_run(folder: Path, fid: str) -> tuple[str | None, str]:
     from texq.run.layout import Layout
 
     run_id = tracking.result_run_id(fid, Layout(folder / workspace.OUT).metrics)
-    url = store.run_url(run_id) if run_id else ""
-    low, high = result["top1_ci95"]
-    create_table_artifact([{"top1": result["top1"], "top1_ci95": f"{low:.2f}-{high:.2f}",
-                            "stages_run": ",".join(ran) or "none", "mlflow_run_id": run_id or "",
-                            "mlflow_run": url or run_id or ""}],
-                          key="texq-result", description="top-1 of the final-epoch model; the MLflow run holding it")
-
-
-def expand(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """{'w_bits,a_bits': [[3, 3], [4, 4]], 'mkd': [True, False]} -> the 4 override dicts. Each key
-    is an axis; keys joined by commas are one axis whose values (lists of as many items) set them
-    together, e.g. the paper's W3A3 and W4A4 without W3A4 and W4A3. Axes go in params.yaml's order
-    of their first key (a grid's mapping may come back from a server's database in another
-    order), so that a combination's name is the same however the grid was stored."""
-    if not grid or any(not isinstance(v, list) or not v for v in grid.values()):
-        raise TexqError(f"grid {grid!r}: expected a mapping of params keys to non-empty lists")
-    axes = []
-    for axis in ordered_axes(grid):
-        values = grid[axis]
-        keys = [k.strip() for k in axis.split(",")]
-        if len(keys) == 1:
-            axes.append([{keys[0]: v} for v in values])
-            continue
-        bad = [v for v in values if not isinstance(v, list) or len(v) != len(keys)]
-        if bad:
-            raise TexqError(f"grid axis {axis!r}: each value must list {len(keys)} items (one per "
-                            f"key), got {bad[0]!r}")
-        axes.append([dict(zip(keys, v)) for v in values])
-    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
-
-
-def ordered_axes(grid: dict[str, list]) -> list[str]:
-    """The grid's axes in params.yaml's order of their first key (see :func:`expand`)."""
-    return sorted(grid, key=lambda axis: _ORDER.get(axis.split(",")[0].strip(), len(_ORDER)))
-
-
-def _name(combo: dict[str, Any]) -> str:
-    """A child's folder: its run name (:func:`_label`), or a hash of it past 60 characters."""
-    text = _label(combo)
-    return text if len(text) <= 60 and "/" not in text else hashlib.sha1(text.encode()).hexdigest()[:12]
+    return run_id, (store.run_url(run_id) if run_id else "") or ""
 
 
 @flow(name="texq-grid", **END_HOOKS)
 def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/grid",
-                deployment: str = "texq-pipeline/texq-pipeline", device: str = "auto") -> list[dict]:
+                deployment: Deployment = "texq-pipeline/texq-pipeline", device: Device = "auto") -> list[dict]:
     """Every combination of the grid as one texq-pipeline deployment run (the work pool's workers
     run them in parallel, one per GPU): a subflow of this run in Prefect and a child of one MLflow
     parent run, both named by the combination. When all are final: a results table (combination,
@@ -223,7 +207,7 @@ def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/g
         base_params: the params file every combination starts from, read where this flow runs
             (its values travel with each run, so workers on other hosts use them too).
         out: the folder of the children's workspaces (one per combination, named by it), relative
-            to each worker's checkout.
+            to each worker's checkout, inside its workspace root (runs/, or TEXQ_WORKSPACES).
         deployment: the deployment each combination runs as.
         device: auto (CUDA when present), cpu or cuda, for every run.
     """
@@ -231,8 +215,9 @@ def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/g
     from prefect.deployments import run_deployment
 
     log = get_run_logger()
+    workspace.workspace_path(out)  # each child's folder lies under it: checked here, and by the child
     combos = expand(grid)
-    base = load_params(base_params)
+    base = load_params(workspace.params_path(base_params))
     for combo in combos:  # refuse an unknown key or a bad value before starting anything
         merged_params(base, combo)
     c = client()
@@ -249,95 +234,22 @@ def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/g
     runs = []
     for combo in combos:
         fr = run_deployment(deployment, parameters={
-            "overrides": combo, "params": base, "out": str(Path(out) / _name(combo)),
-            "device": device, "parent_run_id": parent_id, "run_name": _label(combo)}, timeout=0,
-            as_subflow=True, flow_run_name=_label(combo))
+            "overrides": combo, "params": base, "out": str(Path(out) / child_folder(combo)),
+            "device": device, "parent_run_id": parent_id, "run_name": label(combo)}, timeout=0,
+            as_subflow=True, flow_run_name=label(combo))
         runs.append((combo, fr.id))
-        log.info("submitted %s -> flow run %s", _label(combo), fr.id)
+        log.info("submitted %s -> flow run %s", label(combo), fr.id)
     rows: list[dict] = []
     for combo, fid in runs:  # Prefect's own waiting (its events), one child after the other
-        final = _wait_final(fid, log)
-        rows.append({**combo, "flow_run": str(fid), "state": final.state.type.value, **_child_result(fid)})
-        log.info("%s: %s (%d of %d final)", _label(combo), final.state.type.value, len(rows), len(runs))
-    table = _results_table(c, parent_id, [combo for combo, _ in runs], rows)
+        final = wait_final(fid, log)
+        rows.append({**combo, "flow_run": str(fid), "state": final.state.type.value, **child_result(fid)})
+        log.info("%s: %s (%d of %d final)", label(combo), final.state.type.value, len(rows), len(runs))
+    table = record_grid(c, parent_id, [combo for combo, _ in runs], rows, log)
     create_table_artifact(table, key="texq-grid-results",
                           description=f"grid {json.dumps(grid)}: top-1 of each run's final-epoch model")
-    _log_table(c, parent_id, table)
     counts = {s: sum(r["state"] == s for r in rows) for s in dict.fromkeys(r["state"] for r in rows)}
-    c.set_terminated(parent_id, "FINISHED" if set(counts) == {"COMPLETED"} else
-                     "KILLED" if set(counts) <= {"COMPLETED", "CANCELLED", "CANCELLING"} else "FAILED")
     if set(counts) != {"COMPLETED"}:
         undone = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if s != "COMPLETED")
         raise RuntimeError(f"{len(rows) - counts.get('COMPLETED', 0)} of {len(rows)} grid runs did not "
                            f"complete: {undone}")
     return rows
-
-
-WAIT_PATIENCE_S = 600  # how long a grid waits for a Prefect server that went away (a restart)
-
-
-def _wait_final(fid, log):
-    """The child flow run once final, by Prefect's own waiting (``wait_for_flow_run``: its events
-    stream). The stream does not survive the server going away (a restart, its database paused):
-    the grid then waits for the server to answer again, up to WAIT_PATIENCE_S, instead of failing
-    while its children work on."""
-    from prefect.flow_runs import wait_for_flow_run
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    away_since = None
-    while True:
-        try:
-            return run_coro_as_sync(wait_for_flow_run(fid, timeout=None))
-        except Exception as exc:
-            now = time.monotonic()
-            away_since = away_since or now
-            if now - away_since > WAIT_PATIENCE_S:
-                raise
-            log.warning("waiting for flow run %s: the Prefect server did not answer (%s); trying again",
-                        fid, type(exc).__name__)
-            time.sleep(5)
-
-
-def _child_result(fid) -> dict:
-    """A child's top-1 and MLflow run, from its ``texq-result`` artifact on the Prefect server
-    (nothing read from the child's files: it may have run on another host)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
-
-    with get_client(sync_client=True) as pc:
-        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[fid]), key=ArtifactFilterKey(any_=["texq-result"])))
-    if not arts:
-        return {"top1": None, "mlflow_run_id": "", "stages_run": ""}
-    row = json.loads(arts[-1].data)[0]
-    return {"top1": row["top1"], "mlflow_run_id": row["mlflow_run_id"], "stages_run": row["stages_run"]}
-
-
-def _label(combo: dict[str, Any]) -> str:
-    """A child run's name: its combination with full keys (``finetune.alpha6=10,seed=0``)."""
-    return ",".join(f"{k}={v}" for k, v in combo.items())
-
-
-def _results_table(c, parent_id: str, combos: list[dict], rows: list[dict]) -> list[dict]:
-    """One row per child (``combos[i]`` and its ``rows[i]``): its combination, state, top-1, the
-    stages it ran and its MLflow run (a link when the tracking URI is a server's); a child that
-    left no result (failed, cancelled) is found by its flow run's tag."""
-    children = c.search_runs([c.get_run(parent_id).info.experiment_id],
-                             f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000)
-    by_flow = {r.data.tags.get("prefect_flow_run_id"): r.info.run_id for r in children}
-    table = []
-    for combo, r in zip(combos, rows):
-        run_id = r.get("mlflow_run_id") or by_flow.get(r["flow_run"], "")
-        table.append({"combination": _label(combo), "state": r["state"], "top1": r["top1"],
-                      "stages_run": r.get("stages_run", ""),
-                      "mlflow_run": (store.run_url(run_id) or run_id) if run_id else ""})
-    return table
-
-
-def _log_table(c, parent_id: str, table: list[dict]) -> None:
-    """The results table on the MLflow parent run (``grid_results.json``, the UI's table view)."""
-    c.log_table(parent_id, {k: [row[k] for row in table] for k in table[0]}, "grid_results.json")

@@ -56,6 +56,19 @@ def failure_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(text.split())[:240]}"
 
 
+def quietly(log, what: str, default, call):
+    """``call()``, or ``default`` with one warning when the MLflow store fails it (a bookkeeper:
+    its failure never fails finished work); texq's own errors are raised."""
+    try:
+        return call()
+    except Exception as exc:
+        if not tracking_error(exc):
+            raise
+        log.warning("%s not recorded: the MLflow store at %s did not answer (%s)", what,
+                    tracking_uri(), failure_line(exc))
+        return default
+
+
 @contextmanager
 def quiet_store() -> Iterator[None]:
     """MLflow's SQL store logs each failed call with its traceback; texq reports it in one line."""
@@ -95,13 +108,27 @@ def unrecorded(out: Path, key: str | None = None) -> list[dict]:
 def note_unrecorded(out: Path, stage: str, key: str, run_id: str | None, exc: BaseException) -> bool:
     """Add ``stage`` to ``<out>/.unrecorded.json`` (False when even that cannot be written)."""
     entries = [e for e in unrecorded(out) if (e.get("stage"), e.get("key")) != (stage, key)]
+    src = source_file(Path(out), stage)
     entries.append({"stage": stage, "key": key, "run_id": run_id, "store": tracking_uri(),
-                    "error": failure_line(exc)})
+                    "error": failure_line(exc),  # the file the note is about, as it was then
+                    "digest": file_digest(src) if src is not None and src.is_file() else None})
     try:
         write_json(Path(out) / PENDING, entries)
         return True
     except Exception:
         return False
+
+
+def current(out: Path, note: dict) -> bool:
+    """Whether ``note`` is about the files ``out`` holds now (the stage's file has the digest it
+    had when noted): a note left by another configuration, whose files were since replaced, is not."""
+    src = source_file(Path(out), note.get("stage", ""))
+    return bool(note.get("digest")) and src is not None and src.is_file() and file_digest(src) == note["digest"]
+
+
+def drop_unrecorded(out: Path) -> None:
+    """Remove ``out``'s notes (texq track sync recorded every stage's files as they are)."""
+    (Path(out) / PENDING).unlink(missing_ok=True)
 
 
 def forget_unrecorded(out: Path, stages: list[str], key: str) -> None:
@@ -170,7 +197,7 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
             for path in run_pictures(layout, cfg):
                 c.log_artifact(run_id, str(path), "figures")
             if c.get_run(run_id).data.tags.get(MODEL_FOR_TAG) != digest:  # once per result
-                log_quantized_model(c, run_id, layout.qmodel, cfg, register, r)
+                log_quantized_model(c, run_id, layout.qmodel, cfg, register, r, digest)
                 c.set_tag(run_id, MODEL_FOR_TAG, digest)
     _log_metrics(c, run_id, metrics)
 

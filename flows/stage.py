@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         watch(flow_pid, gone)
 
     try:
+        from flows.checkout import require_own_checkout
+
+        require_own_checkout(what=f"stage {args.name}")  # its working folder: the code's checkout, or none
         result = run_tracked_stage(args.name, args.params, args.out, args.device, not args.no_progress,
                                    parent_run_id=os.environ.get("TEXQ_PARENT_RUN_ID", ""),
                                    flow_run_id=os.environ.get("TEXQ_FLOW_RUN_ID", ""))

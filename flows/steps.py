@@ -15,6 +15,12 @@ from flows import ROOT
 
 
 def enter_checkout() -> dict[str, str]:
-    """Change into this host's checkout (the project root of the imported ``flows`` package)."""
+    """Change into this host's checkout (the project root of the imported ``flows`` package);
+    refused when the worker was started inside another checkout of the project (its ``PWD``),
+    whose environment is not the one that runs (flows.checkout)."""
+    from flows.checkout import require_own_checkout
+
+    if os.environ.get("PWD"):  # the folder the worker was started in, as its shell recorded it
+        require_own_checkout(os.environ["PWD"], "this worker")
     os.chdir(ROOT)
     return {"directory": str(ROOT)}

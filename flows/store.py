@@ -40,12 +40,16 @@ def tracking_uri() -> str:
 
 def unreadable_store(exc: Exception):
     """A TexqError naming the tracking URI, for an error of the store itself (a server that does
-    not answer, a file that is not an MLflow database); None for anything else."""
+    not answer or refuses the credentials, a file that is not an MLflow database); None for
+    anything else."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
+    from flows.credentials import refusal
     from texq.util.errors import TexqError
 
+    if line := refusal(exc):  # a lab's server: 401/403, or a certificate it cannot verify
+        return TexqError(line)
     if not isinstance(exc, (MlflowException, SQLAlchemyError)):
         return None
     text = " ".join(str(getattr(exc, "orig", None) or exc).split())

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from flows.record import (
     RECORDED_TAG,
+    current,
+    drop_unrecorded,
     forget_unrecorded,
     quiet_store,
     record_stage,
@@ -29,18 +31,23 @@ from flows.record import (
 from flows.store import client, experiment_id, experiment_name
 from flows.tracking import (
     FLOW_END_TAG,
+    HOST_ID_TAG,
     KEY_TAG,
     OUT_TAG,
     PID_TAG,
     STAGE_TAG,
     find_or_create_run,
+    host_id,
     pipeline_key,
+    stage_lock,
 )
 from texq.util.errors import ConfigError
 from texq.util.io import file_digest
 
 log = logging.getLogger("texq")
-FINAL = {"CRASHED": "FAILED", "FAILED": "FAILED", "CANCELLED": "KILLED"}  # Prefect -> MLflow
+# Prefect's final states in MLflow's words: a run whose flow run completed ends FINISHED (its
+# stages succeeded; what the store did not take is noted beside its files for texq track sync)
+FINAL = {"COMPLETED": "FINISHED", "CRASHED": "FAILED", "FAILED": "FAILED", "CANCELLED": "KILLED"}
 
 
 def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yaml") -> dict:
@@ -51,6 +58,9 @@ def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yam
     from texq.util.io import read_json
     from texq.util.lock import folder_lock
 
+    from flows.checkout import require_own_checkout
+
+    require_own_checkout(what="texq track sync")  # the store it records into is its code's checkout's
     out = Path(out)
     if not out.is_dir():
         raise ConfigError(f"{out}: no such folder (expected a pipeline's out folder, e.g. out/pipeline)")
@@ -61,14 +71,17 @@ def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yam
         if held != fingerprint(config.run):
             raise ConfigError(f"{layout.summary}: trained with another configuration than {params_file} "
                               "(run texq track sync with the params file that produced it)")
-    with folder_lock(out, "texq track sync"), quiet_store():  # no stage writes meanwhile (a running one records itself)
-        notes = unrecorded(out)
+    # no stage works or records meanwhile (a running one records itself)
+    with stage_lock(out, "texq track sync"), folder_lock(out, "texq track sync"), quiet_store():
+        # the notes about these very files name their pipeline run and MLflow run (the key of the
+        # commit they were computed at); a note whose file was since replaced decides nothing
+        notes = [n for n in unrecorded(out) if current(out, n)]
         key = next((n["key"] for n in notes if n.get("key")), None) or pipeline_key(params_file)
         c = client()
         noted = next((n["run_id"] for n in notes if n.get("run_id") and n.get("key") == key), None)
         run_id = noted or _run_of(c, out, key) or find_or_create_run(c, params_file, config.run, key=key)
         logged = [s for s in STAGES if record_stage(c, run_id, s, out, config.run, config.registers_model)]
-        forget_unrecorded(out, list(STAGES), key)
+        drop_unrecorded(out)  # every stage's files are recorded now: no note is left to act on
         run = c.get_run(run_id)
         done = (layout.metrics.is_file()
                 and run.data.tags.get(RECORDED_TAG + "evaluate") == file_digest(layout.metrics))
@@ -121,12 +134,16 @@ def _prefect_states(flow_run_ids: set[str]) -> dict[str, str]:
 
     from prefect.client.orchestration import get_client
 
+    from flows.credentials import refusal
+
     states = {}
     with get_client(sync_client=True) as pc:
         for fid in flow_run_ids:
             try:
                 run = pc.read_flow_run(UUID(fid))
-            except Exception:  # deleted, or not a flow run id
+            except Exception as exc:  # deleted, or not a flow run id: nothing tells; a refusal is said
+                if refusal(exc):
+                    raise
                 continue
             if run.state is not None:
                 states[fid] = run.state.type.value
@@ -135,6 +152,9 @@ def _prefect_states(flow_run_ids: set[str]) -> dict[str, str]:
 
 def reconcile() -> dict:
     """End the RUNNING runs whose work has stopped (see the module's doc); returns what was done."""
+    from flows.checkout import require_own_checkout
+
+    require_own_checkout(what="texq track reconcile")
     with quiet_store():
         return _reconcile()
 
@@ -147,11 +167,11 @@ def _reconcile() -> dict:
     runs = c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
     states = _prefect_states({r.data.tags["prefect_flow_run_id"] for r in runs
                               if r.data.tags.get("prefect_flow_run_id")})
-    host, ended = socket.gethostname(), []
+    host, here, ended = socket.gethostname(), host_id(), []
     for run in runs:
         tags, rid = run.data.tags, run.info.run_id
         state = states.get(tags.get("prefect_flow_run_id", ""))
-        local = tags.get("texq.host") == host
+        local = tags.get(HOST_ID_TAG) == here  # its pid means something here (not: the same name)
         dead = (local and tags.get(STAGE_TAG, "").endswith(" running") and tags.get(PID_TAG, "").isdigit()
                 and not _alive_stage(int(tags[PID_TAG])))
         if state not in FINAL and not dead:
@@ -164,7 +184,11 @@ def _reconcile() -> dict:
         status = FINAL.get(state, "KILLED")
         if state:
             c.set_tag(rid, FLOW_END_TAG, state.title())
-        c.set_tag(rid, STAGE_TAG, tags.get(STAGE_TAG, "").replace(" running", " lost"))
+        if state == "COMPLETED" and RECORDED_TAG + "evaluate" not in tags:  # finished, not all recorded
+            c.set_tag(rid, STAGE_TAG, f"finished; not all recorded: texq track sync {out} on "
+                                      f"{tags.get('texq.host', 'its host')}")
+        else:
+            c.set_tag(rid, STAGE_TAG, tags.get(STAGE_TAG, "").replace(" running", " lost"))
         c.set_terminated(rid, status)
         ended.append({"run_id": rid, "status": status,
                       "why": f"Prefect flow run {state.title()}" if state else

@@ -37,7 +37,8 @@ __all__ = ["TRAINED_TAG", "METRICS_TAG"]  # re-exported: flows.compare reads the
 KEY_TAG = "texq.pipeline_key"
 FLOW_END_TAG = "texq.flow_run_end"  # the Prefect state that ended a flow run's MLflow runs
 STAGE_TAG = "texq.stage"  # "<stage> running" while a stage process works in the run, then "<stage> done"
-PID_TAG = "texq.stage_pid"  # that process (with texq.host: where), for texq track reconcile
+PID_TAG = "texq.stage_pid"  # that process (with texq.host_id: where), for texq track reconcile
+HOST_ID_TAG = "texq.host_id"  # the process space the stage ran in (host_id): where its pid means something
 OUT_TAG = "texq.out"  # the folder the stages write (on texq.host), for texq track reconcile
 RESUMED_TAG = "texq.resumed"  # how often the run was reopened by a later session of the same pipeline run
 RUN_NAME_ENV = "TEXQ_RUN_NAME"  # a grid child's name: its combination (flows.pipeline)
@@ -65,6 +66,25 @@ def pipeline_key(params_file: str | Path, parent_run_id: str = "") -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
+def host_id() -> str:
+    """This process space: the machine (its machine-id), its boot and its PID namespace, hashed.
+    A stage's process id means something only where this is the same: two machines or containers
+    with one host name differ here, and texq track reconcile judges only the pids of its own."""
+    import socket
+
+    parts = [socket.gethostname()]
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            parts.append(Path(path).read_text().strip())
+        except OSError:
+            parts.append("")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        parts.append("")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def where_tags() -> dict[str, str]:
     """Where a stage runs, as run tags: the host, the GPUs it sees (``CUDA_VISIBLE_DEVICES`` as the
     worker set it, and the devices' names, or ``cpu``) and the checkout its code comes from."""
@@ -75,7 +95,7 @@ def where_tags() -> dict[str, str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
              if torch.cuda.is_available() else [])
-    return {"texq.host": socket.gethostname(),
+    return {"texq.host": socket.gethostname(), HOST_ID_TAG: host_id(),
             "texq.cuda_visible_devices": "(unset)" if visible is None else visible,
             "texq.gpu": ", ".join(names) if names else "cpu",
             "texq.checkout": str(ROOT)}
@@ -94,13 +114,14 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
     """The RUNNING MLflow run of this pipeline run (``key``: by default the params file's, with
     the commit and parent), else the one an earlier session of it left stopped (reopened), else a
     new one with its params and tags."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import RunTag
 
     key = key or pipeline_key(params_file, parent_run_id)
     exp = experiment_id(c)
     found = c.search_runs([exp], f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
                           max_results=1)
     if found:
+        _log_params(c, found[0], cfg)
         return found[0].info.run_id
     # an earlier session of this very pipeline run (same flow run, or none: dvc repro) that was
     # stopped or failed: the session that resumes its work continues its record
@@ -110,6 +131,7 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
         if tags.get("prefect_flow_run_id", "") == flow_run_id and FLOW_END_TAG not in tags:
             c.update_run(run.info.run_id, "RUNNING")
             c.set_tag(run.info.run_id, RESUMED_TAG, str(int(tags.get(RESUMED_TAG, "0")) + 1))
+            _log_params(c, run, cfg)
             return run.info.run_id
     if flow_run_id:  # a stage of a flow run already ended (its process died) opens no new run
         runs = c.search_runs([exp], f"tags.`prefect_flow_run_id` = '{flow_run_id}'", max_results=100)
@@ -129,11 +151,19 @@ def find_or_create_run(c, params_file: str | Path, cfg, parent_run_id: str = "",
     name = (os.environ.get(RUN_NAME_ENV)
             or f"{cfg.method}-w{cfg.w_bits}a{cfg.a_bits}-s{cfg.seed}-{cfg.profile}")
     run = c.create_run(exp, tags=tags, run_name=name)
-    items = [Param(k, v) for k, v in flat_params(cfg).items()]
+    c.log_batch(run.info.run_id, tags=[RunTag("texq.params_file", str(params_file))])
+    _log_params(c, run, cfg)
+    return run.info.run_id
+
+
+def _log_params(c, run, cfg) -> None:
+    """Log the settings ``run`` does not hold yet: all of them for a new run, the rest for a run
+    whose params a store that went away did not take (found again by its key, it gets them now)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in flat_params(cfg).items() if k not in run.data.params]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         c.log_batch(run.info.run_id, params=items[i:i + 100])
-    c.log_batch(run.info.run_id, tags=[RunTag("texq.params_file", str(params_file))])
-    return run.info.run_id
 
 
 class Terminated(BaseException):
@@ -201,8 +231,11 @@ def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, reg
                 say(f"texq: the MLflow store at {tracking_uri()} did not take run {run_id}'s end "
                      f"({failure_line(err)}); texq track reconcile ends it")
         raise
-    # the work is done and its outputs are written: nothing below fails the stage
+    # the work is done and its outputs are written: nothing below fails the stage, and a stop
+    # (SIGTERM: a cancel, the flow-process watch) ends the recording, not the stage, which is done
     try:
+        logging.getLogger("texq").info("texq: recording stage %s into MLflow%s", stage,
+                                       f" run {run_id}" if run_id else "")
         if run_id is None:
             c = c or client()
             run_id = find_or_create_run(c, params_file, cfg, parent_run_id, flow_run_id, key)
@@ -211,13 +244,18 @@ def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, reg
         c.set_tag(run_id, STAGE_TAG, f"{stage} done")
         if stage == "evaluate":
             c.set_terminated(run_id, "FINISHED")
-    except Exception as exc:
+    except (Exception, Terminated) as exc:
         noted = note_unrecorded(out, stage, key, run_id, exc)
-        say(f"texq: stage {stage} finished and its outputs are kept in {out}, but the MLflow store at "
-             f"{tracking_uri()} did not record them ({failure_line(exc)}); "
-             + (f"texq track sync {out} records them" if noted else
-                f"noting that failed too: run texq track sync {out} once the store is back"))
-        if not tracking_error(exc):  # not the store's: a bug of the recording, shown whole
+        then = (f"texq track sync {out} records them" if noted else
+                f"noting that failed too: run texq track sync {out} once the store is back")
+        kept = f"texq: stage {stage} finished and its outputs are kept in {out}, but "
+        if isinstance(exc, Terminated):
+            say(f"{kept}its recording into MLflow was {exc}; {then}")
+        elif tracking_error(exc):
+            say(f"{kept}the MLflow store at {tracking_uri()} did not record them ({failure_line(exc)}); {then}")
+        else:  # not the store's: an error of texq's own recording code, shown whole
+            say(f"{kept}recording them failed on an error of texq's, not the store's "
+                f"({type(exc).__name__}: {exc}); {then} (please report this error)")
             logging.getLogger("texq").exception("recording stage %s", stage)
 
 
@@ -277,10 +315,35 @@ def end_flow_run_runs(flow_run_id: str, status: str, state: str = "") -> list[st
 def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, device: str = "auto",
                       progress: bool = True, parent_run_id: str = "", flow_run_id: str = "") -> dict:
     """``texq.pipeline.run_stage`` inside its pipeline run's MLflow run, the params file read
-    once (the run's configuration, and whether it registers its model)."""
+    once (the run's configuration, and whether it registers its model), under ``out``'s lock
+    from before the run is opened to after it is recorded."""
     from texq.pipeline import read_config, run_stage
 
     config = read_config(params_file, device)
-    with tracked_stage(name, params_file, out, config.run, parent_run_id, flow_run_id,
-                       config.registers_model):
+    # the stage's lock first: a process refused because another one works there touches no run;
+    # held through the recording, so that no sync or second stage records the folder meanwhile
+    with stage_lock(out, f"stage {name}"), tracked_stage(name, params_file, out, config.run, parent_run_id,
+                                                         flow_run_id, config.registers_model):
         return run_stage(name, config, out, progress)
+
+
+STAGE_LOCK = ".stage"  # under a pipeline's out folder: the folder whose lock a stage process holds
+
+
+@contextmanager
+def stage_lock(out: str | Path, what: str) -> Iterator[None]:
+    """A pipeline folder's lock for a whole stage process or ``texq track sync``: held from before
+    the MLflow run is opened until the stage's record is written (``<out>/.stage/.lock``; texq's own
+    ``<out>/.lock``, which a step holds while it writes, is taken inside it). A second holder is
+    refused at once (FolderBusy, naming the owner), before it touches any run."""
+    from texq.util.lock import FolderBusy, folder_lock
+
+    lock = folder_lock(Path(out) / STAGE_LOCK, what)
+    try:
+        lock.__enter__()
+    except FolderBusy as exc:
+        raise FolderBusy(str(exc).replace(str(Path(out) / STAGE_LOCK), str(out), 1)) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)

@@ -32,6 +32,7 @@ from flows import ROOT
 from texq.util.errors import TexqError
 
 OUT = Path("out/pipeline")  # where dvc.yaml's stages write, relative to the workspace
+WORKSPACES_ENV = "TEXQ_WORKSPACES"  # the folder every flow run's workspace lies under (default <checkout>/runs)
 REMOTE_ENV = "TEXQ_DVC_REMOTE"  # a DVC remote (a folder on shared storage, s3://, ssh://) for outs and run cache
 REMOTE = "texq"  # its name in each workspace's .dvc/config
 PATH_KEYS = ("checkpoint", "data", "train_data")  # params whose value may be a file path
@@ -52,6 +53,41 @@ def absolute_paths(params: dict, root: Path = ROOT) -> dict:
         if isinstance(value, str) and value and not Path(value).is_absolute() and (root / value).exists():
             fixed[key] = str((root / value).resolve())
     return fixed
+
+
+def workspaces_root() -> Path:
+    """The folder this worker's flow runs write under: ``$TEXQ_WORKSPACES``, else ``runs/`` of its
+    checkout."""
+    return Path(os.environ.get(WORKSPACES_ENV) or ROOT / "runs").resolve()
+
+
+def inside(value: Any, name: str, root: Path, what: str) -> Path:
+    """Flow parameter ``name``'s path ``value`` (relative to the worker's checkout) resolved, links
+    followed; TexqError naming it unless it lies strictly under ``root``: a flow run, started by
+    whoever reaches the Prefect server, reads and writes only there."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise TexqError(f"{name}={value!r}: expected a path")
+    path = Path(value).expanduser()
+    path = (path if path.is_absolute() else ROOT / path).resolve()
+    if root not in path.parents:
+        raise TexqError(f"{name}={value!r}: resolves to {path}, not inside {root} ({what})")
+    return path
+
+
+def workspace_path(out: Any, name: str = "out") -> Path:
+    """A flow run's folder ``out`` checked before anything is written (:func:`inside` the
+    workspace root); the root itself, the checkout and its files are never a workspace."""
+    return inside(out, name, workspaces_root(), f"this worker's workspace root: a flow run writes only "
+                  f"in a folder under it; {WORKSPACES_ENV} on the worker moves it")
+
+
+def params_path(base_params: Any, name: str = "base_params") -> Path:
+    """A flow's params file: under the worker's checkout or its workspace root (read only)."""
+    root = workspaces_root()
+    try:
+        return inside(base_params, name, ROOT.resolve(), "the worker's checkout")
+    except TexqError:
+        return inside(base_params, name, root, f"the worker's checkout {ROOT} or workspace root")
 
 
 def prepare(folder: str | Path, params: dict) -> Path:

@@ -75,7 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.within < 2 * MIN_HEARTBEAT_SECONDS:
         p.error(f"--within {args.within}: expected at least {2 * MIN_HEARTBEAT_SECONDS} s (two heartbeats at "
                 "Prefect's fastest; a window under two of the workers' heartbeats marks healthy runs Crashed)")
-    print(json.dumps(ensure(args.within)))
+    try:
+        print(json.dumps(ensure(args.within)))
+    except Exception as exc:
+        from flows.credentials import refusal
+
+        if line := refusal(exc):  # the lab's Prefect server: a wrong auth string, an unverified certificate
+            print(f"{p.prog}: error: {line}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

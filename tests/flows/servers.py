@@ -1,14 +1,20 @@
-"""Helpers of the tests that start real servers and workers (test_flows.py, test_lab.py): free
-ports, waiting for a health URL, stopping process groups, and reading Prefect's view."""
+"""Helpers of the tests that start real servers and workers (test_flows.py, test_lab.py,
+test_security.py): free ports, waiting for a health URL, stopping process groups, reading Prefect's
+view, and a lab of scripts/lab.sh: its lab.env, its credentials, a watch on every process's
+command line."""
 
 from __future__ import annotations
 
+import base64
+import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -63,9 +69,17 @@ def cli(env: dict, *args, cwd: Path = ROOT, timeout: float = 300, check: bool = 
     return proc
 
 
+def prefect_headers(env: dict) -> dict:
+    """JSON, and the auth string of a lab's Prefect server where ``env`` has one."""
+    headers = {"Content-Type": "application/json"}
+    if env.get("PREFECT_API_AUTH_STRING"):
+        headers["Authorization"] = "Basic " + base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+    return headers
+
+
 def prefect_logs(env: dict, flow_run_id: str) -> list[str]:
     req = urllib.request.Request(f"{env['PREFECT_API_URL']}/logs/filter", method="POST",
-                                 headers={"Content-Type": "application/json"},
+                                 headers=prefect_headers(env),
                                  data=json.dumps({"logs": {"flow_run_id": {"any_": [flow_run_id]}},
                                                   "limit": 200}).encode())
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -97,3 +111,69 @@ print(json.dumps({
 def prefect_view(env: dict) -> dict:
     proc = cli(env, sys.executable, "-c", PREFECT_VIEW)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pg_bin() -> Path | None:
+    """PostgreSQL's server binaries (scripts/lab.sh's lab needs them), None when not installed."""
+    for d in [subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+              if shutil.which("pg_config") else "", *sorted(glob.glob("/usr/lib/postgresql/*/bin"))]:
+        if d and Path(d, "initdb").exists():
+            return Path(d)
+    return None
+
+
+def lab_env(path: Path) -> dict:
+    """What ``source lab.env`` exports, read as a worker reads it (a clean bash)."""
+    out = subprocess.run(["env", "-i", "bash", "-c", '. "$1" && env -0', "_", str(path)],
+                         capture_output=True, check=True).stdout.decode()
+    env = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    return {k: v for k, v in env.items() if k not in ("PWD", "SHLVL", "_")}
+
+
+def lab_secrets(server_dir: Path) -> dict[str, bytes]:
+    """The lab's credentials by file name (scripts/lab.sh's secrets/ folder; PEM keys left out):
+    the database password, Prefect's auth string (and its password part), the MLflow users'
+    passwords and the Flask secret key."""
+    found: dict[str, bytes] = {}
+    folder = server_dir / "secrets"
+    for f in sorted(folder.rglob("*")) if folder.is_dir() else ():
+        if f.is_file() and f.name not in ("pgpass", "mlflow-auth.ini", "adopt") and f.suffix != ".key":
+            value = f.read_bytes().strip()
+            if len(value) >= 12:
+                found[str(f.relative_to(folder))] = value
+    if b":" in found.get("prefect-auth", b""):
+        found["prefect-auth (its password)"] = found["prefect-auth"].split(b":", 1)[1]
+    return found
+
+
+class CommandLines(threading.Thread):
+    """Every process's command line (/proc/*/cmdline), read every ``every`` s until stopped, and
+    which of them held a credential of the lab in ``server_dir`` (reread each time: they are
+    made while the lab starts)."""
+
+    def __init__(self, server_dir: Path, every: float = 2.0):
+        super().__init__(daemon=True)
+        self.server_dir, self.every = server_dir, every
+        self.scans, self.pids, self.hits = 0, set(), {}
+        self.done = threading.Event()
+
+    def scan(self) -> None:
+        secrets = lab_secrets(self.server_dir)
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            self.pids.add(proc.name)
+            for name, value in secrets.items():
+                if value in cmd:
+                    self.hits[(name, proc.name)] = cmd.replace(value, f"<{name}>".encode())[:200]
+        self.scans += 1
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.scan()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(10)

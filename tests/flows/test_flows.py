@@ -39,7 +39,8 @@ def stack(tmp_path_factory):
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mp}", MLFLOW_DISABLE_TELEMETRY="true",
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-               OMP_NUM_THREADS="1", DO_NOT_TRACK="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+               OMP_NUM_THREADS="1", DO_NOT_TRACK="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               TEXQ_WORKSPACES=str(tmp_path_factory.getbasetemp()))  # the tests' folders are flow runs' folders
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *cmd: str) -> subprocess.Popen:
@@ -96,7 +97,8 @@ def test_the_zombie_flow_automation_is_created_once_with_prefect_s_trigger(stack
 
 
 def test_grid_axes_and_overrides_are_checked_before_any_run(tiny_params):
-    from flows.pipeline import expand, merged_params
+    from flows.grid import expand
+    from flows.pipeline import merged_params
     from texq.util.errors import TexqError
 
     combos = expand({"w_bits,a_bits": [[3, 3], [4, 4]], "seed": [0, 1]})
@@ -329,3 +331,23 @@ def test_dvc_decides_what_the_pipeline_tasks_rerun_and_library_logs_reach_the_se
         time.sleep(2)
     assert any(m.startswith("step 1: calibration images: ") and "(100%)" in m for m in texq_lines), logs
     assert any(m.startswith("epoch 1/") for m in texq_lines), logs
+
+
+REFUSED_SCRIPT = """
+import json, sys
+from flows.pipeline import texq_pipeline
+state = texq_pipeline(base_params=sys.argv[1], out=sys.argv[2], device="cpu", return_state=True)
+print(json.dumps({"type": state.type.value, "message": state.message}))
+"""
+
+
+def test_a_flow_run_whose_folder_is_outside_the_workspace_root_writes_nothing(stack, tiny_params):
+    """texq_pipeline(out=".") once rewrote the worker checkout's params.yaml and dvc.yaml."""
+    env, _, _ = stack
+    before = {n: (ROOT / n).read_bytes() for n in ("params.yaml", "dvc.yaml")}
+    stamps = {n: (ROOT / n).stat().st_mtime_ns for n in before}
+    proc = _cli(env, sys.executable, "-c", REFUSED_SCRIPT, str(tiny_params), ".")
+    state = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert state["type"] == "FAILED" and f"out='.': resolves to {ROOT}, not inside" in state["message"]
+    assert {n: (ROOT / n).read_bytes() for n in before} == before
+    assert {n: (ROOT / n).stat().st_mtime_ns for n in before} == stamps

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -15,27 +14,6 @@ import pytest
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
                                  reason="the pipeline extra is not installed")]
-
-
-@pytest.fixture()
-def store(tmp_path, monkeypatch):
-    """A fresh SQLite store whose lock waits 1 s, its experiment made; the client."""
-    from flows.store import client, experiment_id
-
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("TEXQ_TRACKING_WAIT", "1")
-    c = client()
-    experiment_id(c)
-    return c
-
-
-@pytest.fixture()
-def out(tiny_run, tmp_path):
-    """A finished pipeline folder (a texq run folder has the same layout) to record."""
-    folder = tmp_path / "pipe"
-    shutil.copytree(tiny_run, folder)
-    return folder
 
 
 def _runs(c):
@@ -171,11 +149,10 @@ def test_reconcile_ends_the_runs_of_dead_stage_processes_recording_their_finishe
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "flows.stage"])
     try:
         exp = experiment_id(store)
-        host = where_tags()["texq.host"]
+        here = {k: v for k, v in where_tags().items() if k in ("texq.host", "texq.host_id")}
 
         def run(stage: str, pid: int, key: str, **extra) -> str:
-            tags = {STAGE_TAG: stage, PID_TAG: str(pid), KEY_TAG: key, "texq.host": host,
-                    OUT_TAG: str(out), **extra}
+            tags = {STAGE_TAG: stage, PID_TAG: str(pid), KEY_TAG: key, **here, OUT_TAG: str(out), **extra}
             return store.create_run(exp, tags=tags).info.run_id
 
         evaluated = run("evaluate running", dead.pid, "k1")  # killed after its work, unrecorded
@@ -183,7 +160,7 @@ def test_reconcile_ends_the_runs_of_dead_stage_processes_recording_their_finishe
         killed = run("train running", dead.pid, "k2")
         working = run("train running", alive.pid, "k3")
         between = run("train done", dead.pid, "k4")  # between stages: nothing tells it stopped
-        elsewhere = run("train running", dead.pid, "k5", **{"texq.host": "another-host"})
+        elsewhere = run("train running", dead.pid, "k5", **{"texq.host_id": "another-machine"})
         result = reconcile()
     finally:
         alive.kill()
