@@ -55,10 +55,13 @@ def cmd_track(args: argparse.Namespace) -> dict:
         from flows import sync
     except ImportError as exc:
         raise TexqError(f"texq track needs the pipeline extra (pip install -e '.[pipeline]'): {exc}")
+    import logging
+
     from flows.credentials import refusal
     from flows.record import tracking_error
     from flows.store import tracking_uri
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs each request at INFO
     try:
         if args.track_command == "sync":
             return sync.sync(args.out, args.params)

@@ -36,9 +36,7 @@ def _mlflow(exc: BaseException) -> str | None:
                               getattr(requests, "RequestException", None)) if k)
     if not kinds or not isinstance(exc, kinds):
         return None
-    from flows.store import tracking_uri
-
-    uri = tracking_uri()
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")  # a server's is always set there (a local store asks nothing)
     if not uri.startswith(("http://", "https://")):
         return None
     reason = _unverified(exc)

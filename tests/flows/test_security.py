@@ -152,26 +152,26 @@ def test_prefect_refusals_are_one_line(monkeypatch):
     assert refusal(ValueError("no")) is None
 
 
-def test_reconcile_says_a_refused_prefect_string_instead_of_leaving_runs_silently(
-        client_env, tmp_path, monkeypatch, capsys):
+def test_reconcile_says_a_refused_prefect_string_instead_of_leaving_runs_silently(tmp_path):
     """texq track reconcile asks Prefect for each flow run's state: a refused auth string is one
-    line and exit 2, not "nothing tells" (which left every run RUNNING without a word)."""
+    line and exit 2, not "nothing tells" (which left every run RUNNING without a word). In its own
+    process: Prefect keeps the settings it read first."""
     import uuid
 
-    from flows.store import client, experiment_id
-    from texq.cli import main
+    from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("PREFECT_API_KEY", raising=False)
-    c = client()
-    run = c.create_run(experiment_id(c), tags={"prefect_flow_run_id": str(uuid.uuid4())}).info.run_id
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    run = c.create_run(c.create_experiment("texq"), tags={"prefect_flow_run_id": str(uuid.uuid4())}).info.run_id
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     with _server(401, '{"detail": "Unauthorized"}') as url:
-        monkeypatch.setenv("PREFECT_API_URL", f"{url}/api")
-        capsys.readouterr()  # the store's set-up lines
-        assert main(["track", "reconcile"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == [f"texq: error: the Prefect server at {url}/api refused the credentials (HTTP 401): set "
-                   "PREFECT_API_AUTH_STRING (scripts/lab.sh writes it to lab.env)"], err
+        proc = subprocess.run([sys.executable, "-m", "texq.cli", "track", "reconcile"], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path,
+                              env=dict(env, MLFLOW_TRACKING_URI=uri, PREFECT_API_URL=f"{url}/api"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [(
+        f"texq: error: the Prefect server at {url}/api refused the credentials (HTTP 401): set "
+        "PREFECT_API_AUTH_STRING (scripts/lab.sh writes it to lab.env)")], proc.stderr
     assert c.get_run(run).info.status == "RUNNING"
 
 
