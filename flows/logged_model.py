@@ -27,21 +27,21 @@ def log_quantized_model(c, run_id: str, path: Path, cfg, register: bool, scores:
     end it FAILED on an upload error): the run's state is never changed here."""
     from mlflow.entities import LoggedModelStatus
 
-    exp = c.get_run(run_id).info.experiment_id
-    found = [m for m in c.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+    run = c.get_run(run_id)
+    found = [m for m in c.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
              if m.tags.get(RESULT_TAG) == result and m.status == LoggedModelStatus.READY] if result else []
     if found:
         model_id, uri = found[0].model_id, found[0].model_uri
     else:
-        model_id, uri = _log(c, run_id, path, result)
+        model_id, uri = _log(c, run, path, result)
     c.set_tag(run_id, "texq.model_uri", uri)
     if register:
         _register(c, run_id, model_id, cfg, scores)
     return uri
 
 
-def _log(c, run_id: str, path: Path, result: str) -> tuple[str, str]:
-    """Log the model of ``path`` into run ``run_id``; its logged model's id and URI."""
+def _log(c, run, path: Path, result: str) -> tuple[str, str]:
+    """Log the model of ``path`` into ``run`` (an MLflow Run); its logged model's id and URI."""
     import mlflow
     import mlflow.pytorch
     import numpy as np
@@ -55,7 +55,7 @@ def _log(c, run_id: str, path: Path, result: str) -> tuple[str, str]:
     x = np.zeros((1, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         y = q(torch.from_numpy(x)).numpy()
-    run = c.get_run(run_id)
+    run_id = run.info.run_id
     # made here, in the run's experiment (MLflow would put it in the active, else the default,
     # experiment), with the run's params as MLflow gives them and the result it was logged for
     model = c.create_logged_model(run.info.experiment_id, name="quantized_model", source_run_id=run_id,

@@ -30,6 +30,7 @@ from flows.grid import (
 )
 from flows.store import client, experiment_id
 from texq.pipeline import STAGES, load_params
+from texq.util.device import DEVICES
 from texq.util.errors import TexqError
 from texq.util.keys import assign
 
@@ -52,7 +53,7 @@ def merged_params(base: str | Path | dict, overrides: dict[str, Any]) -> dict:
 
 # The other parameters as the server checks them when a run is submitted (the run form refuses
 # anything else, naming the parameter); paths are checked by the flow before it writes anything
-Device = Literal["auto", "cpu", "cuda"]  # texq.util.device.DEVICES
+Device = Literal[DEVICES]  # texq.util.device's names, as the run form's choices
 RunId = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")]  # an MLflow run id, or empty
 RunName = Annotated[str, StringConstraints(max_length=250, pattern=r"^[^\x00-\x1f]*$")]  # MLflow's limit, one line
 Deployment = Annotated[str, StringConstraints(pattern=r"^[\w.-]+/[\w.-]+$")]  # flow-name/deployment-name

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import subprocess
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -338,12 +338,9 @@ def stage_lock(out: str | Path, what: str) -> Iterator[None]:
     refused at once (FolderBusy, naming the owner), before it touches any run."""
     from texq.util.lock import FolderBusy, folder_lock
 
-    lock = folder_lock(Path(out) / STAGE_LOCK, what)
-    try:
-        lock.__enter__()
-    except FolderBusy as exc:
-        raise FolderBusy(str(exc).replace(str(Path(out) / STAGE_LOCK), str(out), 1)) from None
-    try:
+    with ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(Path(out) / STAGE_LOCK, what))
+        except FolderBusy as exc:  # named by the pipeline folder, not by its lock's
+            raise FolderBusy(str(exc).replace(str(Path(out) / STAGE_LOCK), str(out), 1)) from None
         yield
-    finally:
-        lock.__exit__(None, None, None)
