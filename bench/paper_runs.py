@@ -80,6 +80,14 @@ def pack(folder: Path, out: Path) -> Path:
     return target
 
 
+def wait(proc: subprocess.Popen, deadline: float) -> int | None:
+    """The run's exit status, or None when ``deadline`` (time.monotonic) came first."""
+    try:
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def cmd_run(args) -> int:
     deadline = time.monotonic() + args.seconds
     out, runs_dir, assets = Path(args.out), Path(args.dir), Path(args.assets)
@@ -101,12 +109,13 @@ def cmd_run(args) -> int:
                                 start_new_session=True)
         touched.append(folder)
         try:
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            rc = proc.wait()
-            lines.append(f"{name}: stopped at the deadline; {progress(folder)}")
-            break
+            rc = wait(proc, deadline)
+            if rc is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped (paused) run takes it only when woken
+                proc.wait()
+                lines.append(f"{name}: stopped at the deadline; {progress(folder)}")
+                break
         finally:
             log.close()
         lines.append(f"{name}: rc {rc}; {progress(folder)}")

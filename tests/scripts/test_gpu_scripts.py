@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,27 +43,62 @@ def test_gpu_speedups_script_writes_its_few_files_on_the_cpu(tmp_path, assets):
     assert "gdfq-w4a4-s0: rc 0; finished: top-1" in summary  # the paper phase, tiny profile on the CPU
 
 
-def test_paper_runs_carry_a_stopped_run_to_the_next_window(tmp_path, assets):
-    """Window 1 stops the run at its deadline and packs it; unpacked and carried, window 2
-    finishes it; the result equals an uninterrupted run's and is copied to the results."""
+#: texq run that stops itself (SIGSTOP) once its first epoch's checkpoint is written: window 1's
+#: deadline then falls at a known point of the run, whatever the machine's speed
+PAUSE_AFTER_EPOCH_1 = """
+import os, signal, sys
+import texq.run.train as train
+from texq.cli import main
+save = train.save_torch
+def save_then_pause(path, obj):
+    save(path, obj)
+    if path.name == "checkpoint.pt" and obj["epoch"] == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+train.save_torch = save_then_pause
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _wait_until_paused(proc: subprocess.Popen, deadline: float) -> int | None:
+    """paper_runs.wait for window 1: the deadline is the moment the run pauses itself."""
+    give_up = time.monotonic() + 300
+    while time.monotonic() < give_up:
+        if proc.poll() is not None:
+            return proc.returncode
+        if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return None
+        time.sleep(0.05)
+    raise AssertionError("window 1's run neither paused nor ended in 300 s")
+
+
+def test_paper_runs_carry_a_stopped_run_to_the_next_window(tmp_path, assets, monkeypatch):
+    """Window 1 stops the run at its deadline (after epoch 1 of 2) and packs it; unpacked and
+    carried, window 2 finishes it; the result equals an uninterrupted run's and is copied to the
+    results."""
     name = "texq-w4a4-s0"
     common = ["--profile", "tiny", "--device", "cpu", "--assets", str(assets), "--min-seconds", "0"]
     whole = tmp_path / "whole"
-    assert paper_runs.main(["run", name, "--seconds", "300", "--out", str(whole / "out"),
+    assert paper_runs.main(["run", name, "--seconds", "600", "--out", str(whole / "out"),
                             "--dir", str(whole / "runs"), *common]) == 0
     assert "finished" in (whole / "out" / "summary.txt").read_text()
 
     w1 = tmp_path / "w1"
-    assert paper_runs.main(["run", name, "--seconds", "9", "--out", str(w1 / "out"),
-                            "--dir", str(w1 / "runs"), *common]) == 0
-    assert "stopped at the deadline" in (w1 / "out" / "summary.txt").read_text()
+    with monkeypatch.context() as m:
+        command = paper_runs.command
+        m.setattr(paper_runs, "command", lambda *a: [sys.executable, "-c", PAUSE_AFTER_EPOCH_1,
+                                                     *command(*a)[3:]])
+        m.setattr(paper_runs, "wait", _wait_until_paused)
+        assert paper_runs.main(["run", name, "--seconds", "600", "--out", str(w1 / "out"),
+                                "--dir", str(w1 / "runs"), *common]) == 0
+    summary = (w1 / "out" / "summary.txt").read_text()
+    assert f"{name}: stopped at the deadline; unfinished: 1 epochs of steps 2-3 checkpointed" in summary
     with tarfile.open(w1 / "out" / f"{name}.tar.gz") as tar:
         assert all(m.name.startswith(name) for m in tar.getmembers())
     here, results = tmp_path / "here", tmp_path / "results"
     assert paper_runs.main(["unpack", str(w1 / "out"), "--dir", str(here), "--results", str(results)]) == 0
     assert not (results / name).exists()
     w2 = tmp_path / "w2"
-    assert paper_runs.main(["run", name, "--seconds", "300", "--out", str(w2 / "out"),
+    assert paper_runs.main(["run", name, "--seconds", "600", "--out", str(w2 / "out"),
                             "--dir", str(here), *common]) == 0
     assert paper_runs.main(["unpack", str(w2 / "out"), "--dir", str(tmp_path / "again"),
                             "--results", str(results)]) == 0
