@@ -149,9 +149,12 @@ def cmd_export(args: argparse.Namespace) -> dict:
     require_onnx()
     qmodel = load_run(args.run_dir)
     batches = check_batches(get_info(qmodel), args.check_data, args.check_images)  # before writing
-    summary = export_onnx(qmodel, args.onnx)
-    log.info("wrote %s (%d bytes): %d quantized layers, weights %s, inputs %s", summary.onnx,
-             summary.bytes, summary.layers, summary.weight_types, summary.input_types)
+    summary = export_onnx(qmodel, args.onnx, "small" if args.small else "fast", args.conv_form)
+    log.info("wrote the %s file %s (%d bytes): %d quantized layers as %s, weights %s, inputs %s",
+             summary.variant, summary.onnx, summary.bytes, summary.layers, summary.ops,
+             summary.weight_types, summary.input_types)
+    for name, why in summary.float_layers.items():
+        log.info("  %s runs in float: %s", name, why)
     check = check_agreement(session(args.onnx), qmodel, batches)
     log.info("ONNX Runtime vs texq on %d %s: %.2f%% same class, max |logit diff| %.3g", check.n,
              args.check_data or "Gaussian-noise images", check.agreement, check.max_abs_logit_diff)
@@ -250,12 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-progress", action="store_true")
     st.set_defaults(func=cmd_stage)
 
-    x = sub.add_parser("export", help="write a run's quantized model as an ONNX QDQ graph")
+    x = sub.add_parser("export", help="write a run's quantized model as an ONNX graph: fast "
+                       "(integer kernels, the default) or small (--small)")
     x.add_argument("run_dir", help="run folder holding qmodel.pt (texq run --out, or out/pipeline/train)")
     x.add_argument("--onnx", required=True, help="the .onnx file to write (atomically)")
     x.add_argument("--check-data", help="compare ONNX Runtime with texq on this evaluation set "
                    "(.npz, cifar10, ...); default: Gaussian-noise images")
     x.add_argument("--check-images", type=count(1), default=64, help="noise images of the default check")
+    x.add_argument("--small", action="store_true", help="write the smallest file instead: b-bit "
+                   "codes in INT4/UINT4 with QuantizeLinear/DequantizeLinear (float kernels, slower)")
+    x.add_argument("--conv-form", choices=("qlinear", "conv_integer"), default="qlinear",
+                   help="fast file's quantized convolutions: QLinearConv where it reproduces "
+                   "texq's codes (default), or ConvInteger everywhere (exact int32, slow on ONNX "
+                   "Runtime's CPU)")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list registered model names")

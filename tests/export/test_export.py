@@ -1,4 +1,4 @@
-"""``texq export``: ONNX QDQ graphs, checked against texq's fake-quantized model under ONNX Runtime
+"""``texq export --small``: ONNX QDQ graphs, checked against texq's fake-quantized model under ONNX Runtime
 and against hand-worked and independently computed values."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def tiny_export(request, tiny_setup, tmp_path_factory):
     dest = root / "out" / "model.onnx"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = main(["export", str(root / "run"), "--onnx", str(dest), "--check-data", str(data)])
+        rc = main(["export", str(root / "run"), "--onnx", str(dest), "--check-data", str(data), "--small"])
     assert rc == 0
     return root / "run", dest, bits, json.loads(stdout.getvalue().strip().splitlines()[-1])
 
@@ -134,9 +134,12 @@ def test_shared_resnet20_run_agrees_on_test1000(shared_checkpoint, test1000, tes
                                 data=str(test1000), device="cpu", w_bits=bits, a_bits=bits)
     run(cfg, tmp_path / "run", progress=False)
     qmodel = load_run(tmp_path / "run")
-    summary = export_onnx(qmodel, tmp_path / "r20.onnx")
+    summary = export_onnx(qmodel, tmp_path / "r20.onnx", "small")
     assert summary.layers == 20 and summary.weight_types == {"UINT4": 20}
     check_on_test1000(tmp_path / "r20.onnx", qmodel, test1000_data, record_property)
+    fast = export_onnx(qmodel, tmp_path / "r20-fast.onnx")
+    assert fast.ops == {"QLinearConv": 9, "Conv": 10, "MatMulInteger": 1}, fast.ops
+    check_on_test1000(tmp_path / "r20-fast.onnx", qmodel, test1000_data, record_property)
 
 
 # --- unit checks against independent computations ------------------------------------------------
@@ -153,7 +156,7 @@ def r8_mixed():
             conv.weight[0] = conv.weight[0].abs() + 0.05
             conv.weight[1] = -conv.weight[1].abs() - 0.05
     qmodel = calibrated(model, w_bits=3, a_bits=3, first_layer_bits=8, last_layer_bits=8)
-    proto, _ = to_onnx(qmodel)
+    proto = to_onnx(qmodel, "small")[0]
     return qmodel, proto
 
 
@@ -172,7 +175,7 @@ def test_weight_codes_dequantize_to_texq_weights_exactly(per_channel, r8_mixed):
     qmodel, proto = r8_mixed
     if not per_channel:
         qmodel = calibrated(create_model("resnet8_cifar10"), w_bits=4, a_bits=4, per_channel=False)
-        proto, _ = to_onnx(qmodel)
+        proto = to_onnx(qmodel, "small")[0]
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     layers = layers_of(qmodel)
     under_ort = _weights_under_ort(proto, [n for n, _ in layers])
@@ -283,7 +286,7 @@ def test_a_bn_folded_model_keeps_texq_arithmetic_under_default_ort(tmp_path):
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         bn.running_mean.normal_(0, 0.2), bn.bias.data.normal_(0, 0.2)  # folded biases != 0
     qmodel = calibrated(model, w_bits=4, a_bits=4, fold_bn=True)
-    export_onnx(qmodel, tmp_path / "f.onnx")
+    export_onnx(qmodel, tmp_path / "f.onnx", "small")
     proto = onnx.load(tmp_path / "f.onnx")
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     assert all(len(n.input) == 2 for n in convs)
@@ -308,7 +311,7 @@ def test_a_relu6_model_loads_and_agrees_under_default_ort(tmp_path):
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
     model.texq_info = ModelInfo("relu6_net", 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cifar10")
     qmodel = calibrated(model, w_bits=4, a_bits=4)
-    export_onnx(qmodel, tmp_path / "r6.onnx")
+    export_onnx(qmodel, tmp_path / "r6.onnx", "small")
     x = next(gaussian_batches(model.texq_info, 1, 32, seed=1))
     res = check_agreement(session(tmp_path / "r6.onnx"), qmodel, [(x, None)])
     assert res.agreement == 100.0 and res.max_abs_logit_diff < 1e-4, res

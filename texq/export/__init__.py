@@ -1,7 +1,14 @@
-"""Deployable models: a quantized model as an ONNX QDQ graph (``texq export``).
+"""Deployable models: a quantized model as an ONNX graph (``texq export``).
 
-    qmodel = load_run("runs/texq-w4a4-s0")          # the run's train/qmodel.pt
-    summary = export_onnx(qmodel, "model.onnx")     # onnx.checker-checked, written atomically
+    qmodel = load_run("runs/texq-w4a4-s0")                   # the run's train/qmodel.pt
+    summary = export_onnx(qmodel, "model.onnx")              # fast: integer kernels (default)
+    summary = export_onnx(qmodel, "small.onnx", "small")     # small: INT4/UINT4 QDQ
+
+Two variants, both onnx.checker-checked and written atomically. ``"fast"``
+(:mod:`texq.export.integer`): BatchNorm folded, INT8 weights, UINT8 activation codes, QLinearConv
+where its requantization reproduces texq's codes, float Conv where texq's output is a float.
+``"small"`` (:mod:`texq.export.graph`): each layer's b-bit codes in the narrowest ONNX integer type
+(UINT4 for 2-4 bits) with QuantizeLinear/DequantizeLinear and float convolutions; BatchNorm kept.
 
 Needs the export extra, ``pip install 'texq[export]'`` (onnx, onnxruntime, and onnxscript for
 torch's exporter); texq imports them only when exporting.
@@ -13,7 +20,7 @@ import importlib
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,25 +77,30 @@ class ExportSummary:
     w_bits: int
     a_bits: int
     layers: int  # quantized Conv/Gemm layers
-    weight_types: dict[str, int]  # ONNX integer type of weight codes -> number of layers
+    weight_types: dict[str, int]  # ONNX type of the stored weights -> number of layers
     input_types: dict[str, int]  # QuantizeLinear output type (+ "+Clip") -> number of layers
+    variant: str = "fast"  # fast | small
+    ops: dict[str, int] = field(default_factory=dict)  # the node computing each layer -> count
+    float_layers: dict[str, str] = field(default_factory=dict)  # fast: layer -> why a float Conv
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def metadata(qmodel: nn.Module, layers: list[LayerQDQ]) -> dict[str, str]:
+def metadata(qmodel: nn.Module, layers: list[LayerQDQ], variant: str = "small",
+             ops: dict[str, str] | None = None) -> dict[str, str]:
     """``metadata_props`` of the exported model: texq's version, the model, its bit widths and
-    input normalisation, and each layer's bits and integer types."""
+    input normalisation, the variant, and each layer's bits, types and (fast) node."""
     info, cfg = get_info(qmodel), qmodel.texq_quant
     rows = [{"layer": layer.name,
              "w_bits": layer.weight.bits if layer.weight else 32,
-             "weight_type": layer.weight.dtype if layer.weight else "FLOAT",
+             "weight_type": _weight_type(layer, variant, ops),
+             **({"op": (ops or {}).get(layer.name, "Conv/Gemm (float)")} if variant == "fast" else {}),
              "a_bits": layer.act.bits if layer.act else 32,
              "input_type": layer.act.dtype if layer.act else "FLOAT",
              "input_clip": bool(layer.act and layer.act.clip is not None)} for layer in layers]
     props = {
-        "texq.version": texq.__version__, "texq.model": info.name,
+        "texq.version": texq.__version__, "texq.model": info.name, "texq.variant": variant,
         "texq.w_bits": cfg.w_bits, "texq.a_bits": cfg.a_bits,
         "texq.first_layer_bits": rows[0]["w_bits"], "texq.last_layer_bits": rows[-1]["w_bits"],
         "texq.per_channel": cfg.per_channel, "texq.quantize_input": cfg.quantize_input,
@@ -101,38 +113,63 @@ def metadata(qmodel: nn.Module, layers: list[LayerQDQ]) -> dict[str, str]:
     return {k: str(v) for k, v in props.items()}
 
 
-def to_onnx(qmodel: nn.Module) -> tuple["onnx.ModelProto", list[LayerQDQ]]:
-    """The QDQ graph of ``qmodel`` (checked by onnx.checker) and its layers' QDQ parameters."""
+VARIANTS = ("fast", "small")
+
+
+def _weight_type(layer: LayerQDQ, variant: str, ops: dict[str, str] | None) -> str:
+    if layer.weight is None:
+        return "FLOAT"
+    if variant == "small":
+        return layer.weight.dtype
+    return "INT8" if layer.name in (ops or {}) else "FLOAT"
+
+
+def to_onnx(qmodel: nn.Module, variant: str = "fast", conv_form: str = "qlinear"
+            ) -> tuple["onnx.ModelProto", list[LayerQDQ], dict]:
+    """The graph of ``qmodel`` (checked by onnx.checker), its layers' QDQ parameters, and for the
+    fast variant what became of each layer (:class:`texq.export.integer.IntegerGraph`'s fields)."""
     require_onnx()
     import onnx
     from onnx import helper
 
     from texq.export.graph import float_graph, insert_qdq
+    from texq.export.integer import insert_integer
 
+    if variant not in VARIANTS:
+        raise ExportError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if getattr(qmodel, "texq_quant", None) is None:
         raise ExportError("the model is not quantized: export a model from texq.quantize or a "
                           "run's qmodel.pt")
     layers = quantized_layers(qmodel)
     proto = float_graph(float_model(qmodel), get_info(qmodel).input_size)
-    insert_qdq(proto, layers)
+    made: dict = {}
+    if variant == "small":
+        insert_qdq(proto, layers)
+    else:
+        made = asdict(insert_integer(proto, layers, conv_form))
     proto.producer_name, proto.producer_version = "texq", texq.__version__
-    helper.set_model_props(proto, metadata(qmodel, layers))
+    helper.set_model_props(proto, metadata(qmodel, layers, variant, made.get("integer_layers")))
     onnx.checker.check_model(proto, full_check=True)
-    return proto, layers
+    return proto, layers, made
 
 
-def export_onnx(qmodel: nn.Module, dest: str | os.PathLike) -> ExportSummary:
-    """Write ``qmodel`` to ``dest`` as an ONNX QDQ graph (atomically)."""
-    proto, layers = to_onnx(qmodel)
+def export_onnx(qmodel: nn.Module, dest: str | os.PathLike, variant: str = "fast",
+                conv_form: str = "qlinear") -> ExportSummary:
+    """Write ``qmodel`` to ``dest`` as the ``variant`` ONNX graph (atomically)."""
+    proto, layers, made = to_onnx(qmodel, variant, conv_form)
     with atomic_path(dest) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     cfg = qmodel.texq_quant
-    inputs = Counter(f"{x.act.dtype}{'+Clip' if x.act.clip is not None else ''}"
-                     for x in layers if x.act)
+    inputs = Counter(f"{x.act.dtype if variant == 'small' else 'UINT8'}"
+                     f"{'+Clip' if x.act.clip is not None else ''}" for x in layers if x.act)
+    integer = made.get("integer_layers", {})
+    ops = Counter(integer.values()) + Counter(
+        "Conv" if x.float_weight.ndim == 4 else "Gemm" for x in layers if x.name not in integer)
+    weights = Counter(_weight_type(x, variant, integer) for x in layers if x.weight)
     return ExportSummary(str(dest), Path(dest).stat().st_size, get_info(qmodel).name, cfg.w_bits,
-                         cfg.a_bits, len(layers),
-                         dict(Counter(x.weight.dtype for x in layers if x.weight)), dict(inputs))
+                         cfg.a_bits, len(layers), dict(weights), dict(inputs), variant, dict(ops),
+                         made.get("float_layers", {}))
 
 
-__all__ = ["ExportSummary", "INSTALL_HINT", "export_onnx", "load_run", "metadata", "require_onnx",
+__all__ = ["ExportSummary", "INSTALL_HINT", "VARIANTS", "export_onnx", "load_run", "metadata", "require_onnx",
            "to_onnx"]

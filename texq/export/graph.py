@@ -195,38 +195,56 @@ def bias_nodes(prefix: str, bias: np.ndarray, output: str
     return [node], [init], conv_out
 
 
-def insert_qdq(proto: "onnx.ModelProto", layers: list[LayerQDQ]) -> None:
-    """Rewrite ``proto`` in place: every layer's weights as codes + DequantizeLinear (the dequantized
-    tensor keeps the float initializer's name), its input through its own Q/DQ, and a quantized
-    Conv's bias as an Add after it."""
+def qdq_layer(node: "onnx.NodeProto", layer: LayerQDQ, inits: dict[str, "onnx.TensorProto"]
+              ) -> tuple[list["onnx.NodeProto"], list["onnx.TensorProto"]]:
+    """The QDQ form of one layer's node (rewritten in place): its weights as codes +
+    DequantizeLinear (the dequantized tensor keeps the float initializer's name), its input through
+    its own Q/DQ, and a Conv's bias as an Add after it. Returns the nodes in order (``node``
+    among them) and the new initializers."""
     from onnx import numpy_helper
 
+    before, after, tensors = [], [], []
+    if layer.weight is not None:
+        nodes, new = weight_nodes(layer.name, layer.weight, node.input[1])
+        before += nodes
+        tensors += new
+    if layer.act is not None:
+        nodes, new, node.input[0] = act_nodes(layer.name, layer.act, node.input[0])
+        before += nodes
+        tensors += new
+    if node.op_type == "Conv" and len(node.input) == 3 and node.input[2] in inits:
+        after, new, conv_out = bias_nodes(
+            layer.name, numpy_helper.to_array(inits[node.input[2]]), node.output[0])
+        tensors += new
+        del node.input[2]
+        node.output[0] = conv_out
+    return [*before, node, *after], tensors
+
+
+def replace_graph(proto: "onnx.ModelProto", nodes: list["onnx.NodeProto"],
+                  tensors: list["onnx.TensorProto"]) -> None:
+    """Give ``proto`` the nodes ``nodes``, and as initializers its own (those no node now produces,
+    as a dequantized weight is) plus ``tensors``, dropping those no node reads."""
+    graph = proto.graph
+    produced = {o for n in nodes for o in n.output}
+    kept = [t for t in graph.initializer if t.name not in produced]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(kept + tensors)
+    remove_unused_initializers(proto)
+
+
+def insert_qdq(proto: "onnx.ModelProto", layers: list[LayerQDQ]) -> None:
+    """Rewrite ``proto`` in place: every layer in its QDQ form (:func:`qdq_layer`)."""
     at = match_layers(proto, layers)
     by_node = {at[layer.name]: layer for layer in layers}
-    graph = proto.graph
-    inits = {t.name: t for t in copy.deepcopy(list(graph.initializer))}
+    inits = {t.name: t for t in proto.graph.initializer}
     new_nodes, new_inits = [], []
-    for i, node in enumerate(copy.deepcopy(list(graph.node))):
-        layer = by_node.get(i)
-        after = []
-        if layer is not None and layer.weight is not None:
-            nodes, tensors = weight_nodes(layer.name, layer.weight, node.input[1])
+    for i, node in enumerate(copy.deepcopy(list(proto.graph.node))):
+        if i in by_node:
+            nodes, tensors = qdq_layer(node, by_node[i], inits)
             new_nodes += nodes
             new_inits += tensors
-        if layer is not None and layer.act is not None:
-            nodes, tensors, node.input[0] = act_nodes(layer.name, layer.act, node.input[0])
-            new_nodes += nodes
-            new_inits += tensors
-        if layer is not None and node.op_type == "Conv" and len(node.input) == 3 \
-                and node.input[2] in inits:
-            after, tensors, conv_out = bias_nodes(
-                layer.name, numpy_helper.to_array(inits[node.input[2]]), node.output[0])
-            new_inits += tensors
-            del node.input[2]
-            node.output[0] = conv_out
-        new_nodes += [node, *after]
-    produced = {o for n in new_nodes for o in n.output}  # weights now come out of DequantizeLinear
-    del graph.node[:], graph.initializer[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend([t for t in inits.values() if t.name not in produced] + new_inits)
-    remove_unused_initializers(proto)
+        else:
+            new_nodes.append(node)
+    replace_graph(proto, new_nodes, new_inits)
