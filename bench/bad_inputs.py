@@ -193,6 +193,13 @@ def cases(f: dict, d: Path, run_dir: Path) -> list[tuple[str, list, str, dict]]:
         ("run: quant.act_momentum=1", [*run, *out_run, "--set", "quant.act_momentum=1"], "act_momentum", {}),
         ("run: unknown key", [*run, *out_run, "--set", "finetune.alpha7=1"], "alpha7", {}),
         ("run: --set without =", [*run, *out_run, "--set", "finetune.lr"], "KEY=VALUE", {}),
+        ("run: --set a key twice", [*run, *out_run, "--set", "finetune.lr=abc", "--set", "finetune.lr=0.001"],
+         "given twice", {}),
+        ("run: --set bytes not UTF-8", [*run, *out_run, "--set", b"finetune.lr=\xff"], "not UTF-8", {}),
+        *([("run: --device cuda without CUDA", [*run, *out_run, "--device", "cuda"], "no CUDA device", {})]
+          if not torch.cuda.is_available() else []),
+        ("run: --set unclosed list", [*run, *out_run, "--set", "finetune.calib_crop_scale=[0.5, 1"],
+         "not a value", {}),
         ("run: seed -1", [*run, *out_run, "--seed", "-1"], "seed=-1", {}),
         ("run: method unknown", [*run, *out_run, "--method", "foo"], "--method", {}),
         ("run: method real without train_data", [*run, *out_run, "--method", "real"], "train_data", {}),

@@ -173,3 +173,30 @@ def test_models_command(capsys):
     assert rc == 0
     names = last_json(out)["models"]
     assert "resnet20_cifar10" in names and "resnet20a_cifar10" in names and "mobilenet_v2" in names
+
+
+def test_set_values_are_checked_one_by_one():
+    """Every --set is read: a key given twice, bytes that are not UTF-8 (as argv hands them to
+    Python) and a value YAML cannot read are one-line errors naming the key."""
+    from texq.cli import parse_overrides
+    from texq.util.errors import TexqError
+
+    assert parse_overrides(["finetune.lr=0.001", "seed=3", "finetune.calib_crop_scale=[0.5, 1]"]) == {
+        "finetune.lr": 0.001, "seed": 3, "finetune.calib_crop_scale": [0.5, 1]}
+    with pytest.raises(TexqError, match=r"finetune.lr given twice \('abc' and '0.001'\)"):
+        parse_overrides(["finetune.lr=abc", "finetune.lr=0.001"])
+    with pytest.raises(TexqError, match=r"finetune.lr=\\xff: not UTF-8 text"):
+        parse_overrides([os.fsdecode(b"finetune.lr=\xff")])
+    with pytest.raises(TexqError, match=r"calib_crop_scale='\[0.5, 1': not a value"):
+        parse_overrides(["finetune.calib_crop_scale=[0.5, 1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_writes_nothing(capsys, tmp_path):
+    torch.save(create_model("resnet8_cifar10").state_dict(), tmp_path / "r8.pt")
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.arange(4))
+    rc, _, err = run_cli(capsys, "run", "--model", "resnet8_cifar10", "--checkpoint", str(tmp_path / "r8.pt"),
+                         "--data", str(tmp_path / "d.npz"), "--device", "cuda", "--profile", "tiny",
+                         "--out", str(tmp_path / "run"))
+    assert rc == 2 and err.strip().splitlines() == ["texq: error: device cuda: no CUDA device is available"]
+    assert not (tmp_path / "run").exists()

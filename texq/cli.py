@@ -76,11 +76,27 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     import yaml
 
     out: dict[str, object] = {}
+    given: dict[str, str] = {}
     for item in items:
+        try:
+            item.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError:
+            shown = item.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            raise TexqError(f"--set {shown}: not UTF-8 text (expected KEY=VALUE, e.g. "
+                            "finetune.alpha6=10)") from None
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise TexqError(f"--set {item!r}: expected KEY=VALUE, e.g. finetune.alpha6=10")
-        out[key.strip()] = yaml.safe_load(value)
+        if key in given:
+            raise TexqError(f"--set {key} given twice ({given[key]!r} and {value!r}): give each key once")
+        given[key] = value
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise TexqError(f"--set {key}={value!r}: not a value ({problem}); e.g. 0.001, true, "
+                            "[0.5, 1.0] or a plain word") from None
     return out
 
 

@@ -25,6 +25,7 @@ from texq.run.config import SPEED_ONLY, RunConfig, fingerprint
 from texq.run.layout import Layout
 from texq.run.methods import effective_settings
 from texq.run.model import float_model
+from texq.util.device import resolve_device
 from texq.util.errors import ConfigError
 from texq.util.io import read_json, write_json
 from texq.util.keys import leaves
@@ -71,6 +72,7 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True, model: nn.Module
     (which names it: ``RunConfig.for_profile(..., info=model.texq_info)``); texq puts it in eval
     mode and on the run's device, and loads ``cfg.checkpoint`` into it if set."""
     layout = Layout(out)
+    resolve_device(cfg.device)  # 'cuda' without a CUDA device: refused before the folder is touched
     fp_model = float_model(cfg, model)
     check_model(fp_model, cfg.model)  # no BatchNorm: refused before any long work
     record = model_record(fp_model)
