@@ -19,9 +19,14 @@ GROUP = ["method", "w_bits", "a_bits", "laws", "layered_bns", "mkd", "profile"]
 def load_runs(experiment: str = "texq", extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """Finished pipeline runs of ``experiment`` (one row each: params, top1, seed; ``extra``
     params too, e.g. ``alpha6``)."""
-    from flows.store import client
+    from flows.store import client, tracking_uri
     from flows.tracking import TRAINED_TAG
 
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise LookupError(f"no MLflow store at {uri[len('sqlite:///'):]}: nothing is recorded there "
+                          "(dvc repro, a flow or texq track sync records runs; MLFLOW_TRACKING_URI "
+                          "names another store)")
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:

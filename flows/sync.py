@@ -66,6 +66,10 @@ def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yam
         raise ConfigError(f"{out}: no such folder (expected a pipeline's out folder, e.g. out/pipeline)")
     config = read_config(params_file, "cpu")
     layout = Layout(out)
+    results = [f for f in (source_file(out, s) for s in STAGES) if f is not None]
+    if not any(f.is_file() for f in results) and not unrecorded(out):
+        raise ConfigError(f"{out}: holds none of a pipeline's results ({', '.join(f.name for f in results)}): "
+                          "nothing to record (expected a pipeline's out folder, e.g. out/pipeline)")
     if layout.summary.is_file():
         held = read_json(layout.summary).get("fingerprint")
         if held != fingerprint(config.run):
