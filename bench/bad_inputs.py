@@ -198,6 +198,11 @@ def cases(f: dict, d: Path, run_dir: Path) -> list[tuple[str, list, str, dict]]:
         ("run: --set bytes not UTF-8", [*run, *out_run, "--set", b"finetune.lr=\xff"], "not UTF-8", {}),
         *([("run: --device cuda without CUDA", [*run, *out_run, "--device", "cuda"], "no CUDA device", {})]
           if not torch.cuda.is_available() else []),
+        ("compare: a SQLite store that does not exist", ["compare"], "no MLflow store",
+         {"MLFLOW_TRACKING_URI": f"sqlite:///{d / 'none.db'}"}),
+        ("track sync: a folder without pipeline results", ["track", "sync", str(f["flat"]), "--params",
+                                                           str(f["p_ok"])], "holds none of a pipeline's results",
+         {"MLFLOW_TRACKING_URI": f"sqlite:///{d / 'sync.db'}"}),
         ("run: --set unclosed list", [*run, *out_run, "--set", "finetune.calib_crop_scale=[0.5, 1"],
          "not a value", {}),
         ("run: seed -1", [*run, *out_run, "--seed", "-1"], "seed=-1", {}),

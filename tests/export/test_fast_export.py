@@ -86,28 +86,44 @@ def _qlinearconv_under_ort(x, w, fits, a, nxt, lo, hi, group=1):
     return np.clip(y, lo, hi)
 
 
-@pytest.mark.parametrize("group", [1, 4], ids=["dense", "grouped"])
-def test_onnx_runtime_qlinearconv_gives_the_codes_the_fit_promises(group):
+@pytest.mark.parametrize("group, zp_in, zp_out, relu", [(1, 0, 0, True), (4, 0, 0, False), (1, 3, 2, True),
+                                                        (4, 5, 6, False)],
+                         ids=["dense", "grouped", "zero-points+relu", "grouped+zero-points"])
+def test_onnx_runtime_qlinearconv_gives_the_codes_the_fit_promises(group, zp_in, zp_out, relu):
     """Real ONNX Runtime, not the emulation: random 4-bit codes and weights, a BN-like affine with
-    a negative channel, the exact accumulator computed here in float64 (integers)."""
+    a negative channel, zero points in and out, the exact accumulator computed here in float64."""
     rng = np.random.default_rng(1)
-    a = ActQDQ(np.float32(0.37), 0, 4, "UINT8", None)
-    nxt = ActQDQ(np.float32(0.21), 0, 4, "UINT8", None)
+    a = ActQDQ(np.float32(0.37), zp_in, 4, "UINT8", None)
+    nxt = ActQDQ(np.float32(0.21), zp_out, 4, "UINT8", None)
     w = rng.integers(-7, 8, (8, 8 // group, 3, 3)).astype(np.int8)
     scale = rng.uniform(0.002, 0.02, 8) * np.where(np.arange(8) == 3, -1, 1)  # s_x s_w a, a < 0 once
     bias = rng.uniform(-1, 1, 8)
-    lo, hi = 0, 15
+    lo, hi = (zp_out if relu else 0), 15  # relu: quant(relu(y)) = max(quant(y), zero point)
     fits = fit_layer(w, scale, bias, a, nxt, lo, hi)
-    assert fits is not None
+    assert not isinstance(fits, str), fits
     x = rng.integers(0, 16, (4, 8, 10, 10)).astype(np.uint8)
     sign = np.where(scale < 0, -1, 1)
     got = _qlinearconv_under_ort(x, (w * sign.reshape(-1, 1, 1, 1)).astype(np.int8), fits, a, nxt, lo, hi, group)
-    acc = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(
-        w.astype(np.float64)), padding=1, groups=group).numpy()
+    acc = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64) - zp_in), torch.from_numpy(
+        w.astype(np.float64)), padding=1, groups=group).numpy()  # padding reads the code zp_in: 0
     ys = float(nxt.scale)
-    want = np.clip(np.rint(acc * (scale / ys).reshape(1, -1, 1, 1) + (bias / ys).reshape(1, -1, 1, 1)),
-                   lo, hi)
+    y = acc * (scale / ys).reshape(1, -1, 1, 1) + (bias / ys).reshape(1, -1, 1, 1)
+    want = np.clip(np.rint(np.maximum(y, 0) if relu else y) + zp_out, lo, hi)
     assert np.array_equal(got, want)
+
+
+def test_weights_the_int8_kernel_cannot_hold_make_a_float_layer():
+    """8-bit weight codes: c - z = -128 cannot be negated in INT8 (a negative BN scale), and
+    8-bit inputs times large weights could saturate AVX2's int16 pair sums."""
+    a4 = ActQDQ(np.float32(0.1), 0, 4, "UINT8", None)
+    a8 = ActQDQ(np.float32(0.1), 0, 8, "UINT8", None)
+    w = np.full((1, 2, 1, 1), 5, np.int8)
+    w[0, 0] = -128
+    assert "do not fit the int8 kernel" in fit_layer(w, np.array([-0.01]), np.zeros(1), a4, a4, 0, 15)
+    w = np.full((1, 2, 1, 1), 70, np.int8)
+    assert "do not fit the int8 kernel" in fit_layer(w, np.array([0.01]), np.zeros(1), a8, a4, 0, 15)
+    fits = fit_layer(np.full((1, 2, 1, 1), 7, np.int8), np.array([-0.01]), np.zeros(1), a4, a4, 0, 15)
+    assert [f.multiplier for f in fits] == [127 // 7]
 
 
 # --- whole models ---------------------------------------------------------------------------------
@@ -195,4 +211,5 @@ def test_cli_writes_the_fast_file_by_default(tmp_path, args, variant):
     res = json.loads(out.getvalue().strip().splitlines()[-1])
     assert res["variant"] == variant and res["check"]["agreement"] == 100.0
     assert ("QLinearConv" in res["ops"]) == (variant == "fast")
-    assert to_onnx(qmodel, variant)[0].graph.node  # the API gives the same variant names
+    meta = {p.key: p.value for p in to_onnx(qmodel, variant)[0].metadata_props}
+    assert meta["texq.variant"] == variant  # the API takes the same names

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 import texq
+from texq.export.integer import integer_input
 from texq.export.qparams import LayerQDQ, float_model, quantized_layers
 from texq.models import get_info
 from texq.util.errors import CheckpointError, ExportError
@@ -160,7 +161,7 @@ def export_onnx(qmodel: nn.Module, dest: str | os.PathLike, variant: str = "fast
     with atomic_path(dest) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     cfg = qmodel.texq_quant
-    inputs = Counter(f"{x.act.dtype if variant == 'small' else 'UINT8'}"
+    inputs = Counter(f"{'UINT8' if variant == 'fast' and integer_input(x.act) else x.act.dtype}"
                      f"{'+Clip' if x.act.clip is not None else ''}" for x in layers if x.act)
     integer = made.get("integer_layers", {})
     ops = Counter(integer.values()) + Counter(

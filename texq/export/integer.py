@@ -15,7 +15,7 @@ each quantized layer becomes one of:
 - a float **Conv** (folded float weights, the input's codes dequantized) where the output must be a
   float: it feeds a residual addition, a pooling or the graph's output. An 8-bit requantization
   there would round a value texq keeps in float, and a b-bit network's codes flip on roundings
-  that small (docs/interpretation.md, "Fast export"). A layer whose input texq keeps in float (the
+  that small (docs/interpretation.md, "Fast file"). A layer whose input texq keeps in float (the
   image), or whose codes fit no 8-bit container, is a float Conv too.
 
 Activation codes come from QuantizeLinear (UINT8) and a Clip at 2^b - 1 on UINT8: Eq. 1's clip in
@@ -32,7 +32,7 @@ import numpy as np
 
 from texq.export.graph import act_nodes, match_layers, replace_graph
 from texq.export.qparams import ActQDQ, LayerQDQ, WeightQDQ
-from texq.export.requant import fit_layer
+from texq.export.requant import INT16_PAIRS, fit_layer
 
 if TYPE_CHECKING:
     import onnx
@@ -74,8 +74,11 @@ def why_float(layer: LayerQDQ) -> str | None:
         return "input kept in float (quantize_input=False)"
     if not integer_input(layer.act):
         return f"activation zero point {layer.act.zero_point} ({layer.act.bits} bits) fits no UINT8"
-    if weight_int8(layer.weight) is None:
+    w = weight_int8(layer.weight)
+    if w is None:
         return "weight codes minus zero points fit no INT8"
+    if 2 * (2 ** layer.act.bits - 1) * int(np.abs(w.astype(np.int64)).max(initial=0)) > INT16_PAIRS:
+        return "u8 x s8 pairs could saturate int16 (AVX2 kernels without VNNI)"
     return None
 
 
@@ -182,6 +185,9 @@ class _Rewriter:
     def layer(self, node: "onnx.NodeProto", layer: LayerQDQ) -> None:
         a_bn, bias, out = self.fold(node)
         why = why_float(layer)
+        if why is None and node.op_type == "Gemm" and any(
+                at.name in ("alpha", "beta") and at.f != 1.0 for at in node.attribute):
+            why = "a Gemm with alpha or beta other than 1"
         if why is None:
             w, prefix, act = weight_int8(layer.weight), layer.name, layer.act
             per_channel = np.broadcast_to(layer.weight.scale.astype(np.float64), a_bn.shape)
@@ -193,9 +199,9 @@ class _Rewriter:
             if self.form == "conv_integer":
                 return self.integer_product("ConvInteger", [x, self.const(f"{prefix}.weight_int8", w)],
                                             act, scale, bias, out, prefix, node)
-            if self.qlinear(node, layer, x, w, scale, bias, out):
+            why = self.qlinear(node, layer, x, w, scale, bias, out)
+            if why is None:
                 return
-            why = "output read in float (a residual addition, a pooling or the graph's output)"
         if node.op_type == "Gemm":
             why += "; a Gemm"
         self.result.float_layers[layer.name] = why
@@ -284,22 +290,25 @@ class _Rewriter:
             return int(np.clip(np.rint(np.float32(v) / np.float32(a.scale)) + a.zero_point, 0, qmax))
         return a, act_at, code(lo) if np.isfinite(lo) else 0, code(hi) if np.isfinite(hi) else qmax, src
 
-    def qlinear(self, node, layer, x, w, scale, bias, out) -> bool:
+    def qlinear(self, node, layer, x, w, scale, bias, out) -> str | None:
         """The layer as QLinearConv writing the next quantizer's codes, where a requantization
-        that gives texq's codes is found for every output channel."""
+        that gives texq's codes is found for every output channel; else why not."""
         found = self.next_quantizer(out)
         if found is None:
-            return False
+            return ("output read in float (a residual addition, a pooling, the graph's output, or "
+                    "layers that do not all quantize it alike)")
         nxt, act_at, lo, hi, src = found
         fits = fit_layer(w, scale, bias, layer.act, nxt, lo, hi)
-        if fits is None:
-            return False
+        if isinstance(fits, str):
+            return fits
         prefix, a = layer.name, layer.act
         mult = np.array([f.multiplier for f in fits]) * np.where(scale < 0, -1, 1)
+        stored = w.astype(np.int64) * mult.reshape(-1, 1, 1, 1)
+        if stored.min() < -128 or stored.max() > 127:
+            raise RuntimeError(f"layer {prefix!r}: weights m (c - z) left INT8")  # fit_layer bounds m
         inputs = [x, self.const(f"{prefix}.input_scale_q", np.float32(a.scale)),
                   self.const(f"{prefix}.input_zero_point_q", np.uint8(a.zero_point)),
-                  self.const(f"{prefix}.weight_int8",
-                             (w.astype(np.int64) * mult.reshape(-1, 1, 1, 1)).astype(np.int8)),
+                  self.const(f"{prefix}.weight_int8", stored.astype(np.int8)),
                   self.const(f"{prefix}.weight_scale", np.array([f.scale for f in fits], np.float32)),
                   self.const(f"{prefix}.weight_zero_point", np.zeros(len(fits), np.int8)),
                   self.const(f"{prefix}.output_scale", np.float32(nxt.scale)),
@@ -311,7 +320,7 @@ class _Rewriter:
         if act_at is not None:
             self.skip.add(act_at)
         self.result.integer_layers[prefix] = "QLinearConv"
-        return True
+        return None
 
 
 def insert_integer(proto: "onnx.ModelProto", layers: list[LayerQDQ], form: str = "qlinear"

@@ -31,6 +31,8 @@ from texq.export.qparams import ActQDQ
 
 #: integers tried for B on each side of m * beta / K
 B_CANDIDATES = 16
+#: u8 x s8 products are summed in pairs into int16 by AVX2 kernels without VNNI (saturating)
+INT16_PAIRS = 32767
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,10 @@ def _multiplier(jumps: list[tuple[int, int]], zp: int, m: int, bias: int, ideal:
 
 
 def fit_layer(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, a: ActQDQ, nxt: ActQDQ,
-              lo: int, hi: int) -> list[ChannelFit] | None:
+              lo: int, hi: int) -> list[ChannelFit] | str:
     """Each output channel's exact requantization of a layer (INT8 weights ``w``, float output
-    ``acc * scale + bias``, input quantizer ``a``) into ``nxt``'s codes clipped to [lo, hi]; None
-    if one channel has none."""
+    ``acc * scale + bias``, input quantizer ``a``) into ``nxt``'s codes clipped to [lo, hi]; or
+    why a channel has none."""
     x_scale, y_scale = np.float32(a.scale), np.float32(nxt.scale)
     x_lo, x_hi = -a.zero_point, 2 ** a.bits - 1 - a.zero_point  # code - zero point
     fits = []
@@ -133,13 +135,15 @@ def fit_layer(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, a: ActQDQ, nxt
         k, beta = abs(float(scale[c])) / float(y_scale), float(bias[c]) / float(y_scale)
         top = int(np.abs(wc).max(initial=0))
         if k == 0 or top == 0:
-            return None
+            return f"output channel {c} is constant (no weight or a zero scale)"
         acc_lo = int(np.minimum(wc * x_lo, wc * x_hi).sum())
         acc_hi = int(np.maximum(wc * x_lo, wc * x_hi).sum())
-        # int8 weights; and u8 x s8 pairs summed in int16 without saturation (AVX2 without VNNI)
-        most = max(1, min(127 // top, 32767 // (2 * max(x_hi - x_lo, 1) * top)))
+        # m (c - z) stays INT8 with its sign; u8 x s8 pairs stay inside int16 (AVX2 without VNNI)
+        most = min(127 // top, INT16_PAIRS // (2 * max(x_hi - x_lo, 1) * top))
+        if most < 1:
+            return f"output channel {c}: weights {top} x inputs {x_hi - x_lo} do not fit the int8 kernel"
         fit = fit_channel(k, beta, nxt.zero_point, lo, hi, acc_lo, acc_hi, most, x_scale, y_scale)
         if fit is None:
-            return None
+            return f"no exact requantization found for output channel {c}"
         fits.append(fit)
     return fits
