@@ -3,8 +3,10 @@
 DVC's own page loads Vega, Vega-Lite and vega-embed from a CDN: with no internet it stays blank.
 This template carries the three libraries inline (the bundle that vl-convert-python ships), so the
 page DVC writes (``dvc_plots/index.html``) draws its charts on a machine with no network.
-``scripts/setup.sh`` writes it to ``.dvc/plots-offline.html``, which ``.dvc/config`` names as
-``plots.html_template``; ``python -m flows.plots DEST`` writes it anywhere.
+``scripts/setup.sh`` (``python -m flows.plots``) writes it to ``.dvc/plots-offline.html`` and names
+it as ``plots.html_template`` in ``.dvc/config.local``: a checkout's own setting, so that a clone set
+up without it keeps DVC's own page instead of naming a file it does not have;
+``python -m flows.plots DEST`` writes the template anywhere.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from flows import ROOT
 
-DEFAULT = ROOT / ".dvc" / "plots-offline.html"  # .dvc/config: plots.html_template
+DEFAULT = ROOT / ".dvc" / "plots-offline.html"  # .dvc/config.local: plots.html_template
 PAGE = """<!DOCTYPE html>
 <html>
 <head>
@@ -71,5 +73,16 @@ def write_template(dest: str | Path = DEFAULT) -> Path:
     return dest
 
 
+def configure(root: str | Path = ROOT) -> Path:
+    """Write the template into ``root``'s ``.dvc`` folder and name it in ``.dvc/config.local``."""
+    import subprocess
+
+    root = Path(root)
+    dest = write_template(root / ".dvc" / DEFAULT.name)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "plots.html_template", dest.name],
+                   cwd=root, check=True, capture_output=True, text=True)
+    return dest
+
+
 if __name__ == "__main__":
-    print(write_template(*sys.argv[1:2]))
+    print(write_template(sys.argv[1]) if sys.argv[1:] else configure())

@@ -21,6 +21,6 @@ else
     # dependencies are current: (re)link this checkout only
     "$VENV/bin/python" -m pip install "${pip_quiet[@]}" --no-deps --no-build-isolation -e .
 fi
-# dvc plots show's page with its chart library inline (.dvc/config names it): charts offline
+# dvc plots show's page with its chart library inline (.dvc/config.local names it): charts offline
 "$VENV/bin/python" -m flows.plots >/dev/null
 echo "setup: ready ($VENV, dependency spec $hash)" >&2
