@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, nargs=2, default=[200, 30], metavar=("B1", "B64"),
                    help="timed runs at batch 1 and batch 64")
+    p.add_argument("--conv-integer", action="store_true",
+                   help="also time the fast file with --conv-form conv_integer (ConvInteger everywhere)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu" / "export_onnx.json"))
     args = p.parse_args()
     load_before = os.getloadavg()[0]
@@ -127,8 +129,11 @@ def main() -> None:
                "bytes": {"fp32": fp_path.stat().st_size, "ort_int8": ort_path.stat().st_size},
                "packed_weight_codes_bytes": packed_weight_bytes(qmodel),
                "top1": {"fp32": fp_top1, "ort_int8": ort_top1}}
-        for variant in ("small", "fast"):
-            summary = export_onnx(qmodel, tmp / f"w{bits}a{bits}-{variant}.onnx", variant)
+        files = [("small", "small", "qlinear"), ("fast", "fast", "qlinear")]
+        if args.conv_integer:
+            files.append(("fast_conv_integer", "fast", "conv_integer"))
+        for variant, kind, form in files:
+            summary = export_onnx(qmodel, tmp / f"w{bits}a{bits}-{variant}.onnx", kind, form)
             res = check_agreement(session(summary.onnx), qmodel, check)
             row["files"][variant], row["bytes"][variant] = summary.onnx, summary.bytes
             row["top1"][variant], row["top1"]["texq"] = res.onnx_top1, res.texq_top1
