@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections import Counter
 
-import numpy as np
 import onnxruntime
 import torch
+from export_onnx import latency_ms  # bench/ is the script's folder: on sys.path
 
 from texq.data import gaussian_batches
 from texq.export import to_onnx
@@ -57,16 +55,8 @@ def main() -> None:
                                       Conv=len(made["float_layers"]))
     sessions = {k: session(f, args.threads, spinning=False) for k, f in files.items()}
     for batch, runs in ((1, 30), (8, 8)):
-        xx = np.random.default_rng(0).standard_normal((batch, 3, info.input_size, info.input_size),
-                                                      dtype=np.float32)
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for i in range(2 + runs):
-            for k in sessions if i % 2 == 0 else reversed(list(sessions)):
-                t0 = time.perf_counter()
-                sessions[k].run(None, {"input": xx})
-                if i >= 2:
-                    times[k].append(time.perf_counter() - t0)
-        result[f"batch{batch}_ms"] = {k: round(1e3 * statistics.median(v), 2) for k, v in times.items()}
+        ms = latency_ms(sessions, batch, info.input_size, warmup=2, runs=runs)
+        result[f"batch{batch}_ms"] = {k: round(v, 2) for k, v in ms.items()}
     print(json.dumps(result))
 
 

@@ -19,12 +19,12 @@ GROUP = ["method", "w_bits", "a_bits", "laws", "layered_bns", "mkd", "profile"]
 def load_runs(experiment: str = "texq", extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """Finished pipeline runs of ``experiment`` (one row each: params, top1, seed; ``extra``
     params too, e.g. ``alpha6``)."""
-    from flows.store import client, tracking_uri
+    from flows.store import client, sqlite_file, tracking_uri
     from flows.tracking import TRAINED_TAG
 
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise LookupError(f"no MLflow store at {uri[len('sqlite:///'):]}: nothing is recorded there "
+    db = sqlite_file(tracking_uri())
+    if db is not None and not db.is_file():
+        raise LookupError(f"no MLflow store at {db}: nothing is recorded there "
                           "(dvc repro, a flow or texq track sync records runs; MLFLOW_TRACKING_URI "
                           "names another store)")
     c = client()

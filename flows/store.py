@@ -92,13 +92,20 @@ def client():
     return MlflowClient(client_uri())
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file a ``sqlite:///PATH[?options]`` URI names; None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?")[0])
+
+
 def artifact_location() -> str | None:
     """Beside a sqlite store, an absolute ``mlartifacts/`` folder (MLflow's default is ``./mlruns``
     relative to the working directory, lost when DVC runs a stage in a temporary copy); a tracking
     server decides for itself."""
-    uri = tracking_uri().split("?")[0]
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    db = sqlite_file(tracking_uri())
+    if db is not None:
+        return (db.resolve().parent / "mlartifacts").as_uri()
     return None
 
 

@@ -108,6 +108,7 @@ class _Rewriter:
                 self.readers.setdefault(name, []).append(i)
         self.outputs = {o.name for o in proto.graph.output}
         self.codes: dict[tuple, str] = {}  # (float tensor, act key) -> its UINT8 codes
+        self.params: dict[tuple, tuple[str, str]] = {}  # act key -> its scale, zero point
         self.skip: set[int] = set()
         self.nodes: list = []
         self.tensors: list = []
@@ -141,12 +142,19 @@ class _Rewriter:
                   self.const(f"{prefix}.codes_max", np.uint8(hi))]
         return self.node("Clip", [codes, *bounds], f"{prefix}.codes", f"{prefix}.codes_clip")
 
+    def act_params(self, a: ActQDQ, prefix: str) -> tuple[str, str]:
+        """The initializers of ``a``'s scale and UINT8 zero point, made once per quantizer."""
+        key = act_key(a)
+        if key not in self.params:
+            self.params[key] = (self.const(f"{prefix}_scale", np.float32(a.scale)),
+                                self.const(f"{prefix}_zero_point", np.uint8(a.zero_point)))
+        return self.params[key]
+
     def input_codes(self, source: str, a: ActQDQ, prefix: str) -> str:
         """UINT8 codes of float tensor ``source`` under ``a`` (Eq. 1), made once per pair."""
         key = (source, *act_key(a))
         if key not in self.codes:
-            q = self.node("QuantizeLinear", [source, self.const(f"{prefix}.input_scale", np.float32(a.scale)),
-                                             self.const(f"{prefix}.input_zero_point", np.uint8(a.zero_point))],
+            q = self.node("QuantizeLinear", [source, *self.act_params(a, f"{prefix}.input")],
                           f"{prefix}.input_codes8", f"{prefix}.input_quantize")
             self.codes[key] = self.clip(q, 0, 2 ** a.bits - 1, f"{prefix}.input")
         return self.codes[key]
@@ -202,8 +210,6 @@ class _Rewriter:
             why = self.qlinear(node, layer, x, w, scale, bias, out)
             if why is None:
                 return
-        if node.op_type == "Gemm":
-            why += "; a Gemm"
         self.result.float_layers[layer.name] = why
         self.float_layer(node, layer, a_bn, bias, out)
 
@@ -212,7 +218,7 @@ class _Rewriter:
         """``op`` (ConvInteger / MatMulInteger) to int32, then acc * scale + bias in float32."""
         from onnx import TensorProto
 
-        zp = self.const(f"{prefix}.input_zero_point_int", np.uint8(act.zero_point))
+        zp = self.act_params(act, f"{prefix}.input")[1]
         acc = self.node(op, [*inputs, zp], f"{prefix}.acc", f"{prefix}.{op}")
         if op == "ConvInteger":
             self.nodes[-1].attribute.extend(node.attribute)
@@ -231,10 +237,8 @@ class _Rewriter:
         prefix, act, source = layer.name, layer.act, node.input[0]
         if integer_input(act):
             codes = self.input_codes(source, act, prefix)
-            source = self.node("DequantizeLinear", [
-                codes, self.const(f"{prefix}.input_scale_dq", np.float32(act.scale)),
-                self.const(f"{prefix}.input_zero_point_dq", np.uint8(act.zero_point))],
-                f"{prefix}.input_dequantized", f"{prefix}.input_dequantize")
+            source = self.node("DequantizeLinear", [codes, *self.act_params(act, f"{prefix}.input")],
+                               f"{prefix}.input_dequantized", f"{prefix}.input_dequantize")
         elif act is not None:
             nodes, tensors, source = act_nodes(prefix, act, source)
             self.nodes += nodes
@@ -306,13 +310,11 @@ class _Rewriter:
         stored = w.astype(np.int64) * mult.reshape(-1, 1, 1, 1)
         if stored.min() < -128 or stored.max() > 127:
             raise RuntimeError(f"layer {prefix!r}: weights m (c - z) left INT8")  # fit_layer bounds m
-        inputs = [x, self.const(f"{prefix}.input_scale_q", np.float32(a.scale)),
-                  self.const(f"{prefix}.input_zero_point_q", np.uint8(a.zero_point)),
+        inputs = [x, *self.act_params(a, f"{prefix}.input"),
                   self.const(f"{prefix}.weight_int8", stored.astype(np.int8)),
                   self.const(f"{prefix}.weight_scale", np.array([f.scale for f in fits], np.float32)),
                   self.const(f"{prefix}.weight_zero_point", np.zeros(len(fits), np.int8)),
-                  self.const(f"{prefix}.output_scale", np.float32(nxt.scale)),
-                  self.const(f"{prefix}.output_zero_point", np.uint8(nxt.zero_point)),
+                  *self.act_params(nxt, f"{prefix}.output"),
                   self.const(f"{prefix}.bias_int32", np.array([f.bias for f in fits], np.int32))]
         codes = self.node("QLinearConv", inputs, f"{prefix}.output_codes8", f"{prefix}.qlinear_conv")
         self.nodes[-1].attribute.extend(node.attribute)
