@@ -20,6 +20,7 @@ from texq.pipeline.stages import STAGES
 from texq.run.config import PROFILES
 from texq.run.methods import METHODS
 from texq.util.device import DEVICES
+from texq.util.domains import COUNT_LIMIT
 from texq.util.errors import TexqError, user_message
 
 log = logging.getLogger("texq")
@@ -203,15 +204,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"texq: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def count(low: int):
-    """An argparse type: an integer >= ``low``."""
+def count(low: int, high: int = COUNT_LIMIT):
+    """An argparse type: an integer >= ``low`` and < ``high`` (a count's, or a seed's, range)."""
+    bound = f" and < 2**{high.bit_length() - 1}"
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if not low <= value < high:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}{bound if value >= high else ''}, "
+                                             f"got {value}")
         return value
     parse.__name__ = f"integer >= {low}"
     return parse
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images that set activation ranges: noise = N(0,1) in input space")
     e.add_argument("--calib-batches", type=count(1), default=8)
     e.add_argument("--calib-batch-size", type=count(1), default=128)
-    e.add_argument("--seed", type=count(0), default=0, help="seed of the calibration noise")
+    e.add_argument("--seed", type=count(0, 2**64), default=0, help="seed of the calibration noise")
     e.add_argument("--batch-size", type=count(1), default=256)
     e.add_argument("--workers", type=count(0), default=0, help="data-loading worker processes")
     e.add_argument("--device", choices=DEVICES, default="auto")

@@ -4,6 +4,8 @@ torch.compile of the captured passes (traced with aot_eager: the same numbers as
 
 from __future__ import annotations
 
+import math
+
 import copy
 from dataclasses import replace
 
@@ -60,7 +62,8 @@ def _steps(tuner, n=3):
 
 
 # ------------------------------------------------------------------ Q's bounded mixup batch
-@pytest.mark.parametrize("n, p", [(144, 0.2), (80, 0.2), (16, 0.5), (30, 0.0), (5, 1.0), (2000, 0.2)])
+@pytest.mark.parametrize("n, p", [(144, 0.2), (80, 0.2), (16, 0.5), (30, 0.0), (5, 1.0), (2000, 0.2),
+                                  (128, 0.99), (5000, 0.7)])
 def test_mix_capacity_is_the_binomial_tail_bound(n, p):
     """The smallest c with P(Binomial(n, p) > c) <= 1e-6, against torch.distributions' pmf."""
     c = mix_capacity(n, p)
@@ -70,8 +73,17 @@ def test_mix_capacity_is_the_binomial_tail_bound(n, p):
     pmf = torch.distributions.Binomial(n, torch.tensor(p, dtype=torch.float64)).log_prob(
         torch.arange(n + 1, dtype=torch.float64)).exp()
     assert pmf[c + 1:].sum() <= 1e-6 < pmf[c:].sum()
-    if n >= 80:  # the CIFAR batches: well under the 'all' form's n slots
+    if n >= 80 and p <= 0.2:  # the CIFAR batches: well under the 'all' form's n slots
         assert c < 0.5 * n
+
+
+def test_mix_capacity_of_a_huge_batch_is_quick_and_near_the_normal_bound():
+    """A batch size near the limit of its domain (2**31 - 1) is answered at once (the pmf's sum
+    starts 40 standard deviations below the mean), close to the normal approximation's bound."""
+    n, p = 2**31 - 1, 0.5
+    c = mix_capacity(n, p)
+    mean, sd = n * p, math.sqrt(n * p * (1 - p))
+    assert mean + 4.5 * sd < c < mean + 5.0 * sd  # z(1e-6) = 4.75
 
 
 def test_bounded_slots_put_the_mixed_samples_first_and_drop_the_overflow():

@@ -89,3 +89,16 @@ def test_the_defaults_and_every_profile_lie_in_their_domains():
         RunConfig.for_profile(profile, pretrained=True)  # raises if a profile value left its domain
     for cls in (FinetuneConfig, GeneratorConfig, QuantConfig):
         cls()
+
+
+def test_seeds_and_counts_stop_at_their_types_range():
+    """A seed fits torch's (uint64); a count stays below 2**31 (torch's sizes, and loops over it)."""
+    hints = get_type_hints(RunConfig, include_extras=True)
+    assert check_value("seed", 2**64 - 1, hints["seed"]) == 2**64 - 1
+    for seed in (2**64, 2**70, -1):
+        with pytest.raises(ConfigError, match=re.escape(f"seed={seed}: expected an integer >= 0 and < 2**64")):
+            check_value("seed", seed, hints["seed"])
+    ft = get_type_hints(FinetuneConfig, include_extras=True)["batch_size"]
+    assert check_value("finetune.batch_size", 2**31 - 1, ft) == 2**31 - 1
+    with pytest.raises(ConfigError, match=re.escape("finetune.batch_size=2147483648: expected an integer >= 1 and < 2**31")):
+        check_value("finetune.batch_size", 2**31, ft)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from unittest import mock
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from texq.util.errors import CheckpointError, TexqError, user_message
 from texq.util.io import (
@@ -29,13 +32,39 @@ def test_a_failed_write_leaves_nothing_and_names_its_file(tmp_path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what write() raises on a full disk
     assert user_message(exc.value) == f"{dest}: No space left on device"
     assert list(tmp_path.iterdir()) == []
-    failed_save = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-    with mock.patch("torch.save", side_effect=failed_save), pytest.raises(OSError) as exc:
-        save_torch(tmp_path / "m.pt", {"a": 1})
-    assert user_message(exc.value).startswith(f"{tmp_path / 'm.pt'}: cannot be written (")
+
+
+_FILL = """
+import resource, signal, sys, torch
+from texq.util.errors import user_message
+from texq.util.io import save_torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # a disk that fills at 100 kB
+try:
+    save_torch(sys.argv[1], {"w": torch.zeros(100_000)})  # 400 kB
+except OSError as exc:
+    print(user_message(exc))
+"""
+
+
+def test_a_checkpoint_on_a_disk_that_fills_mid_write_names_its_file_and_leaves_nothing(tmp_path):
+    """A real failed write of torch's archive (a file-size limit stands in for a full disk): the
+    OSError names the checkpoint (torch's own writer would say 'unexpected pos', no file, no errno)."""
+    dest = tmp_path / "m.pt"
+    proc = subprocess.run([sys.executable, "-c", _FILL, str(dest)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{dest}: File too large"
     assert list(tmp_path.iterdir()) == []
-    with mock.patch("torch.save", side_effect=RuntimeError("a bug")), pytest.raises(RuntimeError):
-        save_torch(tmp_path / "m.pt", {"a": 1})  # anything else is not the disk's: raised as it is
+
+
+def test_save_torch_writes_what_torch_save_writes_to_a_file(tmp_path):
+    """The same bytes as torch.save into an open file (DVC's hashes of earlier outputs stay)."""
+    obj = {"a": torch.arange(10.0), "b": {"c": torch.ones(3, 3)}}
+    save_torch(tmp_path / "a.pt", obj)
+    with open(tmp_path / "b.pt", "wb") as fh:
+        torch.save(obj, fh)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
 
 
 def test_user_messages_are_one_line_and_bugs_have_none():
@@ -43,6 +72,9 @@ def test_user_messages_are_one_line_and_bugs_have_none():
                        "call last):\n  File \"x.py\", line 1\ntexq.util.errors.DataError: a.png: not a readable image")
     assert user_message(worker) == "a.png: not a readable image"
     assert user_message(MemoryError()).startswith("out of memory")
+    refused = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 85899345880 bytes. Error code 12")
+    assert user_message(refused).startswith("out of memory ([enforce fail") and user_message(RuntimeError("x")) is None
     assert user_message(ValueError("a bug")) is None and user_message(KeyError("k")) is None
 
 

@@ -32,13 +32,19 @@ def mix_capacity(n: int, p: float, tail: float = 1e-6) -> int:
         return 0
     if p >= 1.0:
         return n
-    below = 0.0
-    for c in range(n + 1):  # the pmf in log space: comb(n, c) overflows a float from n ~ 1030
-        below += math.exp(math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1)
-                          + c * math.log(p) + (n - c) * math.log1p(-p))
-        if 1.0 - below <= tail:
+    # P(more than c mixed) summed from the top down, from 40 standard deviations above the mean
+    # (the mass beyond is negligible): small terms only (1 - P(at most c) would lose the tail in
+    # rounding for a huge n) and a loop of at most ~45 standard deviations; the pmf in log space
+    # (comb(n, c) overflows a float from n ~ 1030)
+    top = min(n, math.ceil(n * p + 40 * math.sqrt(n * p * (1 - p)) + 40))
+    above = 0.0
+    for c in range(top, -1, -1):
+        pmf = math.exp(math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1)
+                       + c * math.log(p) + (n - c) * math.log1p(-p))
+        if above + pmf > tail:
             return c
-    return n
+        above += pmf
+    return 0
 
 
 def bounded_slots(mixed: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:

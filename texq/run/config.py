@@ -25,7 +25,7 @@ from texq.models import ModelInfo, check_weights, model_info
 from texq.quant import BITS, QuantConfig, QuantOptions
 from texq.run.methods import METHOD_SPECS, METHODS, check_switches
 from texq.util.device import DEVICES
-from texq.util.domains import NON_NEGATIVE_INT, check_fields, one_of
+from texq.util.domains import SEED, check_fields, one_of
 from texq.util.errors import ConfigError
 from texq.util.keys import build, check_value, merge, nest
 from texq.util.precision import PRECISIONS
@@ -49,7 +49,7 @@ class RunConfig:
     profile: Annotated[str, one_of(*PROFILES)] = "paper"  # paper | quick | tiny
     w_bits: Annotated[int, BITS] = 4  # weight bits
     a_bits: Annotated[int, BITS] = 4  # activation bits
-    seed: Annotated[int, NON_NEGATIVE_INT] = 0  # seeds every random draw of the run
+    seed: Annotated[int, SEED] = 0  # seeds every random draw of the run
     device: Annotated[str, one_of(*DEVICES)] = "auto"  # auto | cpu | cuda
     laws: bool = True  # Table 3 switch: L_LAWS^C in step 1
     layered_bns: bool = True  # Table 3 switch: L_L-BNS^C (else the plain Eq. 3) in step 1

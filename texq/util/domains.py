@@ -41,8 +41,13 @@ def one_of(*choices) -> Domain:
                   lambda v: any(v == c and type(v) is type(c) for c in choices))
 
 
+COUNT_LIMIT = 2**31  # counts and sizes (iterations, images, batch sizes, epochs) stay below it:
+# beyond, a size overflows torch's index types or a loop over it never ends; no setting comes near
+
+
 def at_least(low: int) -> Domain:
-    return Domain(f"an integer >= {low}", lambda v: v >= low)
+    """An integer count: ``low`` or more, and below COUNT_LIMIT."""
+    return Domain(f"an integer >= {low} and < 2**31", lambda v: low <= v < COUNT_LIMIT)
 
 
 def between(low: float, high: float, closed: str = "[]") -> Domain:
@@ -59,6 +64,7 @@ FRACTION = between(0, 1, "(]")  # (0, 1]
 MOMENTUM = between(0, 1, "[)")  # [0, 1): an EMA or Adam factor
 COUNT = at_least(1)  # an integer >= 1
 NON_NEGATIVE_INT = at_least(0)
+SEED = Domain("an integer >= 0 and < 2**64 (a torch seed)", lambda v: 0 <= v < 2**64)
 
 
 def domains_of(hint) -> tuple[Any, list[Domain]]:

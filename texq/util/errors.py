@@ -40,7 +40,13 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and (exc.filename or exc.errno):
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror or exc}"
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or _no_memory(exc):
         first = (str(exc).strip().splitlines() or ["out of memory"])[0]
-        return f"out of memory ({first}): use a smaller batch size"
+        return f"out of memory ({first}): use smaller batch sizes or image counts"
     return None
+
+
+def _no_memory(exc: BaseException) -> bool:
+    """torch's CPU allocator refusing a tensor: a RuntimeError, 'DefaultCPUAllocator: can't
+    allocate memory: you tried to allocate N bytes'."""
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -36,11 +37,6 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             if exc.filename or not exc.errno:
                 raise
             raise OSError(exc.errno, exc.strerror, str(dest)) from exc
-        except RuntimeError as exc:  # torch.save's own words for a failed write (a full disk)
-            if "write" not in str(exc).lower():
-                raise
-            raise OSError(errno.EIO, f"cannot be written ({_first_line(exc)}; is the disk full?)",
-                          str(dest)) from exc
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -108,11 +104,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def save_torch(dest: str | os.PathLike, obj) -> None:
-    """``torch.save`` to ``dest``, atomically. Through an open file, not the temporary path: torch
-    names the archive's records after a path it is given (the temporary name is random), so the
-    same object would give other bytes on every save, and DVC another hash."""
+    """``torch.save`` to ``dest``, atomically. Serialized in memory first, then written: torch's
+    own writer reports a failed write (a full disk) as "unexpected pos" with no errno, where a
+    plain write raises the OSError that names the file. In memory, not to the temporary path:
+    torch names the archive's records after a path it is given (the temporary name is random),
+    so the same object would give other bytes on every save, and DVC another hash."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+        fh.write(buffer.getbuffer())
 
 
 def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:

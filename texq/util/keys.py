@@ -9,6 +9,7 @@ dataclass annotations (``check_value``), and ``with_overrides`` applies dotted k
 
 from __future__ import annotations
 
+import difflib
 import types
 from dataclasses import fields, is_dataclass
 from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
@@ -33,12 +34,24 @@ def _parent(tree: Mapping, key: str, what: str) -> tuple[Mapping, str]:
     node, parts = tree, key.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, Mapping) or part not in node:
-            where = ".".join(parts[:i]) or "the top level"
-            names = ", ".join(sorted(node)) if isinstance(node, Mapping) else "not a section"
-            raise ConfigError(f"unknown {what} {key!r} (no {part!r} in {where}: {names})")
+            section = ".".join(parts[:i])
+            if not isinstance(node, Mapping):
+                raise ConfigError(f"unknown {what} {key!r} ({section} is a setting, not a section)")
+            raise ConfigError(unknown_key(what, key, part, section, node, ".".join(parts[i + 1:])))
         if i < len(parts) - 1:
             node = node[part]
     return node, parts[-1]
+
+
+def unknown_key(what: str, key: str, part: str, section: str, names, rest: str = "") -> str:
+    """The one line refusing ``key`` (its part ``part`` is not among ``names``, the settings and
+    sections of ``section``; ``rest``: what follows it in ``key``): the closest names when some
+    are close, else all of them."""
+    prefix, tail = (f"{section}." if section else ""), (f".{rest}" if rest else "")
+    close = difflib.get_close_matches(part, sorted(names), n=3, cutoff=0.6)
+    if close:
+        return f"unknown {what} {key!r}: did you mean {' or '.join(prefix + c + tail for c in close)}?"
+    return f"unknown {what} {key!r} (no {part!r} in {section or 'the top level'}: {', '.join(sorted(names))})"
 
 
 def assign(tree: dict, key: str, value: Any, what: str = "key") -> None:
@@ -94,9 +107,9 @@ def build(cls, tree: Mapping, prefix: str = ""):
     for name, value in tree.items():
         key = prefix + name
         if name not in names:
-            where = prefix.rstrip(".") or "the top level"
-            raise ConfigError(f"unknown config key {key!r} (no {name!r} in {where}: "
-                              f"{', '.join(sorted(names))})")
+            rest = next(iter(leaves(value)), "") if isinstance(value, Mapping) else ""
+            raise ConfigError(unknown_key("config key", ".".join(filter(None, (key, rest))), name,
+                                          prefix.rstrip("."), names, rest))
         hint = hints[name]
         if is_dataclass(hint):
             if not isinstance(value, Mapping):
