@@ -1,7 +1,8 @@
 """The bad-input battery: every case a user can cause or meet, run black box through the installed
 command line, each checked for exit status 2, exactly one ``texq: error:`` line, no traceback,
-nothing written at its destination and no temporary file left. Prints one row per case and the
-count; exits 1 if any case fails.
+nothing written at its destination and no temporary file left. As root it also fills a 100 kB
+tmpfs mid-run: there a run may keep the whole files it wrote first (its resume state), and every
+file left must read back. Prints one row per case and the count; exits 1 if any case fails.
 
     python bench/bad_inputs.py [--keep DIR] [--only SUBSTRING]
 
@@ -117,6 +118,8 @@ def files(d: Path) -> dict:
     f["p_dup"].write_text(f["p_ok"].read_text() + "seed: 3\n")
     f["p_syntax"] = d / "p_syntax.yaml"
     f["p_syntax"].write_text("finetune: [unclosed\n")
+    f["p_bytes"] = d / "p_bytes.yaml"
+    f["p_bytes"].write_bytes(f["p_ok"].read_bytes() + b"note: \xff\xfe\n")
     f["p_list"] = d / "p_list.yaml"
     f["p_list"].write_text("- 1\n- 2\n")
     f["notdb"] = d / "notdb.db"
@@ -206,6 +209,26 @@ def cases(f: dict, d: Path, run_dir: Path) -> list[tuple[str, list, str, dict]]:
         ("run: --set unclosed list", [*run, *out_run, "--set", "finetune.calib_crop_scale=[0.5, 1"],
          "not a value", {}),
         ("run: seed -1", [*run, *out_run, "--seed", "-1"], "seed=-1", {}),
+        ("run: --seed 2**64", [*run, *out_run, "--seed", str(2**64)], f"seed={2**64}", {}),
+        ("run: --set seed=2**70", [*run, *out_run, "--set", f"seed={2**70}"], f"seed={2**70}", {}),
+        ("eval: --seed 2**64", [*evd, "--seed", str(2**64)], "--seed", {}),
+        ("run: finetune.batch_size=2**32", [*run, *out_run, "--set", f"finetune.batch_size={2**32}"],
+         "finetune.batch_size", {}),
+        ("run: images_per_class=2**62", [*run, *out_run, "--set", f"calibration.images_per_class={2**62}"],
+         "images_per_class", {}),
+        ("eval: --batch-size 2**40", [*evd, "--batch-size", str(2**40)], "--batch-size", {}),
+        ("run: a misspelled key", [*run, *out_run, "--set", "finetune.alhpa6=3"], "did you mean finetune.alpha6", {}),
+        ("run: a misspelled section", [*run, *out_run, "--set", "finetun.lr=0.1"], "did you mean finetune.lr", {}),
+        ("run: a setting used as a section", [*run, *out_run, "--set", "finetune.lr.x=1"], "finetune.lr={'x': 1}: expected a number", {}),
+        ("run: --w-bits given twice", [*run, *out_run, "--w-bits", "4", "--w-bits", "3"],
+         "--w-bits given twice (4 and 3)", {}),
+        ("eval: --data given twice", [*evd, "--data", str(f["grey"])], "--data given twice", {}),
+        ("export: a file, not a run folder", ["export", str(f["afile"]), "--onnx", str(d / "x.onnx")],
+         "afile.txt: is a file, not a run folder", {}),
+        ("track sync: a file, not a folder", ["track", "sync", str(f["afile"]), "--params", str(f["p_ok"])],
+         "afile.txt: a file, not a folder", {"MLFLOW_TRACKING_URI": f"sqlite:///{d / 'sync.db'}"}),
+        *([("run: a disk that fills mid-write", [*run, "--out", str(f.get("full", d) / "run")], "No space left on device", {})]
+          if f.get("full") else []),
         ("run: method unknown", [*run, *out_run, "--method", "foo"], "--method", {}),
         ("run: method real without train_data", [*run, *out_run, "--method", "real"], "train_data", {}),
         ("run: training data = test data", [*run, *out_run, "--method", "real", "--train-data", str(f["npz"])], "test images", {}),
@@ -227,13 +250,45 @@ def cases(f: dict, d: Path, run_dir: Path) -> list[tuple[str, list, str, dict]]:
         *[(f"stage: params {k[2:]}", ["stage", "teacher", "--params", str(f[k]), "--out", str(d / "out-stage")], w, {})
           for k, w in (("p_neg_lr", "finetune.lr=-0.1"), ("p_nan", "finite"), ("p_unknown", "alpha7"),
                        ("p_epochs0", "epochs=0"), ("p_bits", "w_bits=5.5"), ("p_dup", "given twice"),
-                       ("p_syntax", "not valid YAML"), ("p_list", "mapping"))],
+                       ("p_syntax", "not valid YAML"), ("p_list", "mapping"),
+                       ("p_bytes", "can't decode byte 0xff"))],
         ("stage: params file missing", ["stage", "teacher", "--params", str(d / "none.yaml")], "not found", {}),
         ("compare: a store that is not a database", ["compare"], "cannot be read", {"MLFLOW_TRACKING_URI": f"sqlite:///{f['notdb']}"}),
         ("compare: a server that does not answer", ["compare"], "http://127.0.0.1:9", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
                                                                                        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}),
     ]
     return c
+
+
+def mount_full_disk() -> Path | None:
+    """A 100 kB tmpfs outside the work folder, so a run's files fill it mid-write (root only; None
+    where it cannot be mounted, and the case is left out)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return None
+    where = Path(tempfile.mkdtemp(prefix="texq-full-"))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        where.rmdir()
+        return None
+    return where
+
+
+def left_whole(folder: Path) -> list[str]:
+    """What a failed write left half-done under ``folder``: a temporary file, or a JSON or torch file
+    that does not read back (the files a run writes before the disk fills are its resume state)."""
+    bad = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            assert not p.name.endswith(".tmp")
+            if p.suffix == ".json":
+                json.loads(p.read_text())
+            elif p.suffix == ".pt":
+                torch.load(p, weights_only=True)
+        except Exception:  # noqa: BLE001 - any failure to read back is the finding
+            bad.append(str(p))
+    return bad
 
 
 def snapshot(d: Path) -> dict:
@@ -248,6 +303,9 @@ def main() -> int:
     d = Path(args.keep or tempfile.mkdtemp(prefix="texq-bad-"))
     d.mkdir(parents=True, exist_ok=True)
     f = files(d)
+    full = mount_full_disk()
+    if full:
+        f["full"] = full
     env = dict(os.environ, PYTHONPATH=f"{f['fac']}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     texq = [sys.executable, "-m", "texq.cli"]
@@ -285,6 +343,8 @@ def main() -> int:
             after = snapshot(d)
             written = sorted(set(after) - set(before)) + sorted(k for k in before if k in after and after[k] != before[k])
             written = [w for w in written if not w.endswith(("__pycache__", ".pyc")) and "__pycache__" not in w]
+            if full and str(full) in " ".join(map(str, argv)):
+                written += left_whole(full)
             ok = (proc.returncode == 2 and len(lines) == 1 and needle in lines[0]
                   and "Traceback" not in proc.stderr and not written)
             failed += not ok
@@ -296,6 +356,9 @@ def main() -> int:
     finally:
         holder.kill()
         holder.wait()
+        if full:
+            subprocess.run(["umount", str(full)], capture_output=True)
+            shutil.rmtree(full, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)
     print(f"\n{len(rows) - failed} of {len(rows)} cases: exit 2, one line, no traceback, nothing written")

@@ -23,13 +23,28 @@ from texq.util.keys import leaves
 # The grid as the Prefect form and API take it: keys of params.yaml (comma-joined for a zipped axis)
 # to non-empty lists. The server refuses any other key when a run is submitted (the deployment's
 # parameter schema), before a run exists; values are checked by the grid flow before any child.
+# The keys' pattern is split in two branches of an anyOf, so that the server's refusal of a
+# misspelled key is one short line naming it ("'finetune.alpah6' is not valid under any of the
+# given schemas": jsonschema names a branch's own error, the pattern of every key, only where one
+# branch fits better than the other); the flow itself names the closest keys (unknown_key).
 _ORDER = {k: i for i, k in enumerate(leaves(load_params(ROOT / "params.yaml")))}  # params.yaml's key order
 _KEYS = "|".join(re.escape(k) for k in sorted(_ORDER, key=len, reverse=True))
-GRID_KEY = rf"^({_KEYS})(,({_KEYS}))*$"
+ONE_KEY = rf"^({_KEYS})$"
+GRID_KEY = rf"^({_KEYS})(,({_KEYS}))*$"  # one key, or keys joined by commas (a zipped axis)
+_KEY_NAMES = {"anyOf": [{"pattern": ONE_KEY}, {"pattern": rf"^({_KEYS})(,({_KEYS}))+$"}]}
 GRID_EXAMPLE = {"w_bits,a_bits": [[3, 3], [4, 4]], "finetune.alpha6": [10, 20], "seed": [0, 1, 2]}
+GRID_START = {"w_bits,a_bits": [[3, 3], [4, 4]], "mkd": [True, False]}  # the run form's starting grid
 Grid = Annotated[
-    dict[Annotated[str, StringConstraints(pattern=GRID_KEY)], Annotated[list, Field(min_length=1)]],
-    Field(min_length=1, examples=[GRID_EXAMPLE], json_schema_extra={"additionalProperties": False})]
+    dict[str, Annotated[list, Field(min_length=1)]],
+    Field(min_length=1, examples=[GRID_EXAMPLE], json_schema_extra={"propertyNames": _KEY_NAMES,
+                                                                   "default": GRID_START})]
+# Run-wide settings of a grid (the profile, a method, any params.yaml key): every child's, not an axis
+_TOP = "|".join(re.escape(k) for k in _ORDER if "." not in k)
+_DOTTED = "|".join(re.escape(k) for k in _ORDER if "." in k)
+Overrides = Annotated[
+    dict[str, Any],
+    Field(examples=[{"profile": "paper", "finetune.epochs": 200}], json_schema_extra={
+        "propertyNames": {"anyOf": [{"pattern": rf"^({_TOP})$"}, {"pattern": rf"^({_DOTTED})$"}]}})]
 
 
 def expand(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -53,6 +68,15 @@ def expand(grid: dict[str, list]) -> list[dict[str, Any]]:
                             f"key), got {bad[0]!r}")
         axes.append([dict(zip(keys, v)) for v in values])
     return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
+
+
+def run_wide(grid: dict[str, list], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """A grid's run-wide ``overrides`` (every child's), refused where a key is also an axis."""
+    overrides = dict(overrides or {})
+    both = sorted(set(overrides) & {k.strip() for axis in grid for k in axis.split(",")})
+    if both:
+        raise TexqError(f"{', '.join(both)}: both a grid axis and in overrides; give each key in one of them")
+    return overrides
 
 
 def ordered_axes(grid: dict[str, list]) -> list[str]:
@@ -147,26 +171,72 @@ def child_result(fid) -> dict:
     return {"top1": row["top1"], "mlflow_run_id": row["mlflow_run_id"], "stages_run": row["stages_run"]}
 
 
+def short_key(key: str) -> str:
+    """A key as a run name shows it: its shortest ending of whole parts that no other params.yaml
+    key ends in and that has 3 characters or more (``finetune.alpha6`` -> ``alpha6``,
+    ``calibration.laws.k`` -> ``laws.k``), else the key in full (``finetune.lr``: generator.lr too)."""
+    parts = key.split(".")
+    for n in range(1, len(parts)):
+        end = ".".join(parts[-n:])
+        if len(end) >= 3 and sum(k == end or k.endswith("." + end) for k in _ORDER) == 1:
+            return end
+    return key
+
+
+def value_text(value: Any) -> str:
+    """A value as params.yaml writes it: true, 0.001, [3, 3], a plain word unquoted."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def label(combo: dict[str, Any]) -> str:
-    """A child run's name: its combination with full keys (``finetune.alpha6=10,seed=0``)."""
-    return ",".join(f"{k}={v}" for k, v in combo.items())
+    """A child run's name, short enough to read whole in a runs table: what sets it apart, the bit
+    widths first (``W4A4`` for w_bits and a_bits both in the grid), then each other axis by its
+    short key (``W4A4,mkd=true,alpha6=10``); one name per combination of one grid."""
+    rest = dict(combo)
+    parts = []
+    if "w_bits" in rest and "a_bits" in rest:
+        parts.append(f"W{value_text(rest.pop('w_bits'))}A{value_text(rest.pop('a_bits'))}")
+    parts += [f"{short_key(k)}={value_text(v)}" for k, v in rest.items()]
+    return ",".join(parts)
+
+
+def summary(rows: list[dict]) -> dict[str, float]:
+    """A grid's summary as its MLflow parent run's metrics: how many runs ended how, and the top-1
+    of the completed ones (best, mean, sample std: the final-epoch models', never a best epoch)."""
+    import statistics
+
+    done = [r["top1"] for r in rows if r["state"] == "COMPLETED" and r.get("top1") is not None]
+    out = {"runs": len(rows), "runs_completed": len(done),
+           "runs_cancelled": sum(r["state"] in ("CANCELLED", "CANCELLING") for r in rows)}
+    out["runs_failed"] = len(rows) - out["runs_completed"] - out["runs_cancelled"]
+    if done:
+        out.update(top1_best=max(done), top1_mean=statistics.fmean(done),
+                   top1_std=statistics.stdev(done) if len(done) > 1 else 0.0)
+    return out
 
 
 def record_grid(c, parent_id: str, combos: list[dict], rows: list[dict], log) -> list[dict]:
-    """The grid's results table (:func:`results_table`), logged on its MLflow parent run, which
-    ends as its children did (FINISHED, KILLED when some were cancelled, else FAILED). The
+    """The grid's results table (:func:`results_table`) and its :func:`summary` as metrics, logged
+    on its MLflow parent run, which ends as its children did (FINISHED, KILLED when some were cancelled, else FAILED). The
     children are final: a store that does not answer now fails nothing; the table then names the
     runs the children reported, and texq track reconcile ends the parent run later."""
     table = quietly(log, "the grid's MLflow links", None, lambda: results_table(c, parent_id, combos, rows))
     if table is None:
         table = results_table(None, parent_id, combos, rows)
+    totals = summary(rows)
     states = {r["state"] for r in rows}
     status = ("FINISHED" if states == {"COMPLETED"} else
               "KILLED" if states <= {"COMPLETED", "CANCELLED", "CANCELLING"} else "FAILED")
 
     def end() -> None:
+        from mlflow.entities import Metric
+
+        from flows.tracking import end_run
+
         _log_table(c, parent_id, table)
-        c.set_terminated(parent_id, status)
+        now = int(time.time() * 1000)
+        c.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in totals.items()])
+        end_run(c, parent_id, status, f"{totals['runs_completed']} of {totals['runs']} runs completed")
 
     quietly(log, f"the grid's results table and end ({status}) on MLflow run {parent_id}", None, end)
     return table

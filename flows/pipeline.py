@@ -20,12 +20,14 @@ from pydantic import StringConstraints
 from flows import record, store, tracking, workspace
 from flows.grid import (
     Grid,
+    Overrides,
     child_folder,
     child_result,
     expand,
     label,
     ordered_axes,
     record_grid,
+    run_wide,
     wait_final,
 )
 from flows.store import client, experiment_id
@@ -193,8 +195,9 @@ def _result_run(folder: Path, fid: str) -> tuple[str | None, str]:
 
 
 @flow(name="texq-grid", **END_HOOKS)
-def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/grid",
-                deployment: Deployment = "texq-pipeline/texq-pipeline", device: Device = "auto") -> list[dict]:
+def grid_search(grid: Grid, overrides: Overrides = {}, base_params: str = "params.yaml",
+                out: str = "runs/grid", deployment: Deployment = "texq-pipeline/texq-pipeline",
+                device: Device = "auto") -> list[dict]:
     """Every combination of the grid as one texq-pipeline deployment run (the work pool's workers
     run them in parallel, one per GPU): a subflow of this run in Prefect and a child of one MLflow
     parent run, both named by the combination. When all are final: a results table (combination,
@@ -205,6 +208,8 @@ def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/g
             comma are one axis whose values set them together: {"w_bits,a_bits": [[3, 3], [4, 4]],
             "finetune.alpha6": [10, 20], "seed": [0, 1, 2]} is 2 x 2 x 3 = 12 runs (W3A3 and W4A4,
             not W3A4). Any key of params.yaml: method, mkd, laws, calibration.alpha1, ...
+        overrides: params.yaml keys set for every run, not an axis: {"profile": "paper"} or
+            {"method": "gdfq", "finetune.epochs": 200}. A key may not be both an axis and here.
         base_params: the params file every combination starts from, read where this flow runs
             (its values travel with each run, so workers on other hosts use them too).
         out: the folder of the children's workspaces (one per combination, named by it), relative
@@ -218,20 +223,31 @@ def grid_search(grid: Grid, base_params: str = "params.yaml", out: str = "runs/g
     log = get_run_logger()
     workspace.workspace_path(out)  # each child's folder lies under it: checked here, and by the child
     combos = expand(grid)
-    base = load_params(workspace.params_path(base_params))
+    overrides = run_wide(grid, overrides)
+    # every child starts from the base params with the run-wide overrides (checked here first)
+    base = merged_params(load_params(workspace.params_path(base_params)), overrides)
     for combo in combos:  # refuse an unknown key or a bad value before starting anything
         merged_params(base, combo)
     c = client()
     axes = " x ".join(ordered_axes(grid))
-    parent = c.create_run(experiment_id(c), run_name=f"grid {axes}: {len(combos)} runs ({flow_run.get_name()})",
-                          tags={"texq.grid": json.dumps(grid), "prefect_flow_run_id": flow_run.get_id() or "",
-                                **tracking.where_tags()})
+    fixed = "".join(f", {k}={v}" for k, v in overrides.items())
+    # its flow run's name first (what tells two grids apart), then what it varies and fixes
+    parent = c.create_run(experiment_id(c), run_name=f"grid {flow_run.get_name()}: {axes}, {len(combos)} runs{fixed}",
+                          tags={"texq.grid": json.dumps(grid), "texq.grid_overrides": json.dumps(overrides),
+                                "prefect_flow_run_id": flow_run.get_id() or "", **tracking.where_tags()})
     parent_id = parent.info.run_id
     for axis, values in grid.items():  # MLflow keys take no comma: a zipped axis as w_bits/a_bits
         c.log_param(parent_id, f"grid.{axis.replace(',', '/')}", json.dumps(values))
-    view = store.runs_view_url(parent.info.experiment_id)
+    for key, value in overrides.items():
+        c.log_param(parent_id, key, json.dumps(value))
+    keys = tuple(dict.fromkeys(k.strip() for axis in ordered_axes(grid) for k in axis.split(",")))
+    view_key = store.add_grid_view(c, parent.info.experiment_id, parent_id, keys)
+    view = store.runs_view_url(parent.info.experiment_id, view_key)
     if view:
-        log.info("runs table with texq's columns: %s", view)
+        charts = store.runs_view_url(parent.info.experiment_id, view_key, charts=True)
+        log.info("this grid's runs, best top-1 first: %s; compared on top-1: %s", view, charts)
+        c.set_tag(parent_id, "mlflow.note.content", f"Grid of {len(combos)} runs ({axes}{fixed}). "
+                  f"Its runs, best top-1 first: [{view}]({view}); compared on top-1: [{charts}]({charts})")
     runs = []
     for combo in combos:
         fr = run_deployment(deployment, parameters={

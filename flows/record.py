@@ -171,8 +171,12 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
             c.log_figure(run_id, loss_curves(rows), "train/loss_curves.png")
     elif stage == "evaluate":
         r = json.loads(layout.metrics.read_text())
+        # fp_top1 once: the teacher stage logged it (at its own time), and the logged model lists
+        # every value of the run's metrics at step 0
+        logged_fp = c.get_run(run_id).data.metrics.get("fp_top1")
         for k in ("top1", "top5", "correct", "n", "fp_top1", "train_seconds"):
-            metrics.append(Metric(k, float(r[k]), now, 0))
+            if k != "fp_top1" or logged_fp != float(r[k]):
+                metrics.append(Metric(k, float(r[k]), now, 0))
         low, high = r["top1_ci95"]  # a 95% interval is two numbers: two metrics
         metrics += [Metric("top1_ci95_low", float(low), now, 0), Metric("top1_ci95_high", float(high), now, 0)]
         log_eval_dataset(c, run_id, r["data"], int(r["n"]))

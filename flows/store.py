@@ -15,17 +15,39 @@ EXPERIMENT = "texq"
 # keeps metrics and params behind its column picker; this view (an experiment tag MLflow's UI reads
 # from the link's viewStateShareKey) shows what tells runs apart and how they scored
 VIEW_KEY = "texq"
-VIEW_COLUMNS = ("metrics.`top1`", "metrics.`top1_ci95_low`", "metrics.`top1_ci95_high`",
-                "metrics.`fp_top1`", "params.`method`", "params.`w_bits`", "params.`a_bits`",
-                "params.`seed`", "params.`profile`", "params.`mkd`", "params.`finetune.alpha6`",
-                "tags.`texq.host`", "tags.`texq.gpu`", "attributes.`Models`", "attributes.`Dataset`")
+# the fewest columns that tell runs apart (the run name shows what a grid's child differs in): top-1,
+# the summary a grid's parent run holds, the bits, mixup KD, and how the run ended, in words, so
+# that they fit a laptop's width (1366 px, MLflow's Assistant panel closed); MLflow orders each
+# group's columns by name. Method, profile and seed are in a lone run's name, in a grid child's
+# where they vary and in its parent's where they are fixed.
+VIEW_COLUMNS = ("metrics.`top1`", "metrics.`top1_mean`", "params.`w_bits`", "params.`a_bits`", "params.`mkd`",
+                "tags.`texq.end`")
+VIEW_ORDER = {"orderByKey": "metrics.`top1`", "orderByAsc": False}
+_SECTION = "texq-scores"  # the chart view's first section: the cards below, then MLflow's own
+
+
+def view_state(params: tuple[str, ...] = ("w_bits", "a_bits", "mkd"), search: str = "") -> dict:
+    """A runs-table view as MLflow's UI shares it (an experiment tag its link names): texq's
+    columns, best top-1 first, runs matching ``search`` (MLflow's filter; empty: all), and a chart
+    view (the runs page's compare) that opens on a parallel-coordinates plot of ``params`` against
+    top-1 and a bar chart of top-1 (MLflow's own compare page starts on the runs' first logged
+    metric, fp_top1, and has no setting for it)."""
+    card = {"runsCountToCompare": 100, "metricSectionId": _SECTION, "deleted": False, "isGenerated": False}
+    return {"selectedColumns": list(VIEW_COLUMNS), **VIEW_ORDER, **({"searchFilter": search} if search else {}),
+            "compareRunSections": [{"uuid": _SECTION, "name": "top-1", "display": True, "isReordered": True,
+                                    "deleted": False, "isGenerated": False}],
+            "compareRunCharts": [
+                {**card, "uuid": "texq-parallel", "type": "PARALLEL", "selectedParams": sorted(params),
+                 "selectedMetrics": ["top1"], "showAllRuns": False},
+                {**card, "uuid": "texq-top1", "type": "BAR", "metricKey": "top1"}],
+            "isAccordionReordered": True}
+
 
 EXPERIMENT_TAGS = {
     # a model-development experiment (MLflow's own kind tag; the 3.17 UI follows its per-browser
     # GenAI / Model training switch instead, which runs_view_url's link sets)
     "mlflow.experimentKind": "custom_model_development",
-    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps({
-        "selectedColumns": list(VIEW_COLUMNS), "orderByKey": "metrics.`top1`", "orderByAsc": False}),
+    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view_state()),
 }
 
 
@@ -139,19 +161,38 @@ def experiment_id(c, name: str | None = None) -> str:
     return exp.experiment_id
 
 
-def runs_view_url(experiment: str) -> str | None:
-    """The link to ``experiment``'s runs table with texq's columns (top-1, bits, method, seed, host
-    and GPU), on a tracking server; None for a local store (``mlflow ui`` serves it anywhere).
-    ``workflowType=machine_learning``: MLflow 3.17's UI opens an experiment on its GenAI overview
-    unless its per-browser "Model training" switch is on (the experiment's kind tag is not read)."""
+# MLflow 3.17's UI opens a page in its GenAI layout unless the link (or its per-browser "Model
+# training" switch) says otherwise: the experiment's kind tag is not read
+ML_LAYOUT = "workflowType=machine_learning"
+
+
+def runs_view_url(experiment: str, key: str = VIEW_KEY, charts: bool = False) -> str | None:
+    """The link to ``experiment``'s runs table in texq's view ``key`` (:func:`view_state`; a
+    grid's view shows its children only: :func:`add_grid_view`), or its chart view (``charts``:
+    the runs compared on top-1), on a tracking server; None for a local store (``mlflow ui``
+    serves it anywhere)."""
     uri = _server_uri()
-    return uri and f"{uri}/#/experiments/{experiment}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+    mode = "&compareRunsMode=CHART" if charts else ""
+    return uri and f"{uri}/#/experiments/{experiment}/runs?viewStateShareKey={key}&{ML_LAYOUT}{mode}"
+
+
+def add_grid_view(c, experiment: str, parent_id: str, params: tuple[str, ...] = ("w_bits", "a_bits", "mkd")) -> str:
+    """A view of the runs table holding one grid's children only (filtered on their parent run),
+    best top-1 first, its charts plotting the grid's axes ``params`` against top-1, as an
+    experiment tag; returns its key for :func:`runs_view_url`."""
+    key = f"grid-{parent_id}"
+    c.set_experiment_tag(experiment, f"mlflow.sharedViewState.{key}", json.dumps(
+        view_state(params, f"tags.mlflow.parentRunId = '{parent_id}'")))
+    return key
 
 
 def run_url(run_id: str) -> str | None:
-    """A run's page on the tracking server; None for a local store."""
+    """A run's page on the tracking server (in MLflow's model-training layout); None for a local
+    store."""
     uri = _server_uri()
-    return uri and f"{uri}/#/experiments/{client().get_run(run_id).info.experiment_id}/runs/{run_id}"
+    if not uri:
+        return None
+    return f"{uri}/#/experiments/{client().get_run(run_id).info.experiment_id}/runs/{run_id}?{ML_LAYOUT}"
 
 
 def _server_uri() -> str | None:

@@ -36,6 +36,7 @@ from flows.tracking import (
     OUT_TAG,
     PID_TAG,
     STAGE_TAG,
+    end_run,
     find_or_create_run,
     host_id,
     pipeline_key,
@@ -63,7 +64,8 @@ def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yam
     require_own_checkout(what="texq track sync")  # the store it records into is its code's checkout's
     out = Path(out)
     if not out.is_dir():
-        raise ConfigError(f"{out}: no such folder (expected a pipeline's out folder, e.g. out/pipeline)")
+        found = "a file, not a folder" if out.exists() else "no such folder"
+        raise ConfigError(f"{out}: {found} (expected a pipeline's out folder, e.g. out/pipeline)")
     config = read_config(params_file, "cpu")
     layout = Layout(out)
     results = [f for f in (source_file(out, s) for s in STAGES) if f is not None]
@@ -91,7 +93,7 @@ def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yam
                 and run.data.tags.get(RECORDED_TAG + "evaluate") == file_digest(layout.metrics))
         status = "FINISHED" if done else ("KILLED" if run.info.status == "RUNNING" else run.info.status)
         if status != run.info.status:
-            c.set_terminated(run_id, status)
+            end_run(c, run_id, status, "" if done else "no stage running (texq track sync)")
             if not done:
                 c.set_tag(run_id, STAGE_TAG, "no stage running (texq track sync)")
     return {"command": "track sync", "out": str(out), "run_id": run_id, "recorded": logged,
@@ -193,10 +195,9 @@ def _reconcile() -> dict:
                                       f"{tags.get('texq.host', 'its host')}")
         else:
             c.set_tag(rid, STAGE_TAG, tags.get(STAGE_TAG, "").replace(" running", " lost"))
-        c.set_terminated(rid, status)
-        ended.append({"run_id": rid, "status": status,
-                      "why": f"Prefect flow run {state.title()}" if state else
-                      f"stage process {tags.get(PID_TAG)} on {host} is gone"})
+        why = f"Prefect flow run {state.title()}" if state else f"stage process {tags.get(PID_TAG)} on {host} is gone"
+        end_run(c, rid, status, why)
+        ended.append({"run_id": rid, "status": status, "why": why})
     for e in ended:
         log.info("MLflow run %s ended %s: %s", e["run_id"], e["status"], e["why"])
     return {"command": "track reconcile", "ended": ended}
@@ -221,4 +222,4 @@ def _record_notes(c, run_id: str, key: str, out: Path) -> None:
         record_stage(c, run_id, stage, out, cfg)
     forget_unrecorded(out, notes, key)
     if "evaluate" in notes and (out / "metrics.json").is_file():
-        c.set_terminated(run_id, "FINISHED")
+        end_run(c, run_id, "FINISHED")

@@ -42,6 +42,24 @@ HOST_ID_TAG = "texq.host_id"  # the process space the stage ran in (host_id): wh
 OUT_TAG = "texq.out"  # the folder the stages write (on texq.host), for texq track reconcile
 RESUMED_TAG = "texq.resumed"  # how often the run was reopened by a later session of the same pipeline run
 RUN_NAME_ENV = "TEXQ_RUN_NAME"  # a grid child's name: its combination (flows.pipeline)
+# How a run ended, in words (a column of texq's runs view): MLflow's UI draws KILLED and FAILED
+# with one red icon, so "stopped" (KILLED: cancelled, a signal) and "failed" (an error, a crash)
+# are said apart, with why
+END_TAG = "texq.end"
+END_WORDS = {"FINISHED": "finished", "KILLED": "stopped", "FAILED": "failed"}
+
+
+def end_words(status: str, why: str = "") -> str:
+    """``status`` (FINISHED, KILLED, FAILED) as :data:`END_TAG` says it: ``stopped: Prefect flow
+    run Cancelled``."""
+    return END_WORDS.get(status, status.lower()) + (f": {why}" if why else "")
+
+
+def end_run(c, run_id: str, status: str, why: str = "") -> None:
+    """End an MLflow run with ``status``, its :data:`END_TAG` saying how and why (tagged first:
+    a run never shows an end without its words)."""
+    c.set_tag(run_id, END_TAG, end_words(status, why))
+    c.set_terminated(run_id, status)
 
 
 def git_commit() -> str:
@@ -225,8 +243,10 @@ def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, reg
     except BaseException as exc:
         if run_id is not None:
             try:
-                c.set_terminated(run_id, end_state(exc))
-                c.set_tag(run_id, STAGE_TAG, f"{stage} stopped")
+                status = end_state(exc)
+                end_run(c, run_id, status, f"stage {stage} " + ("stopped by a signal" if status == "KILLED"
+                                                               else f"raised {type(exc).__name__}"))
+                c.set_tag(run_id, STAGE_TAG, f"{stage} {END_WORDS[status]}")
             except Exception as err:  # the stage's own error is the one to report
                 say(f"texq: the MLflow store at {tracking_uri()} did not take run {run_id}'s end "
                      f"({failure_line(err)}); texq track reconcile ends it")
@@ -243,7 +263,7 @@ def _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, reg
         record_stage(c, run_id, stage, out, cfg, register)
         c.set_tag(run_id, STAGE_TAG, f"{stage} done")
         if stage == "evaluate":
-            c.set_terminated(run_id, "FINISHED")
+            end_run(c, run_id, "FINISHED")
     except (Exception, Terminated) as exc:
         noted = note_unrecorded(out, stage, key, run_id, exc)
         then = (f"texq track sync {out} records them" if noted else
@@ -308,7 +328,7 @@ def end_flow_run_runs(flow_run_id: str, status: str, state: str = "") -> list[st
                          "and attributes.status = 'RUNNING'", max_results=1000)
     for run in runs:
         c.set_tag(run.info.run_id, FLOW_END_TAG, state or status)
-        c.set_terminated(run.info.run_id, status)
+        end_run(c, run.info.run_id, status, f"Prefect flow run {state}" if state else "")
     return [r.info.run_id for r in runs]
 
 

@@ -191,6 +191,33 @@ def test_set_values_are_checked_one_by_one():
         parse_overrides(["finetune.calib_crop_scale=[0.5, 1"])
 
 
+def test_an_option_given_twice_with_two_values_is_refused_and_with_one_value_accepted(capsys):
+    """argparse keeps the last of two values silently; texq refuses them in one line naming the
+    option and both values, and accepts a repeat of the same value."""
+    from texq.cli import build_parser
+
+    base = ["eval", "--model", "resnet8_cifar10", "--data", "d.npz"]
+    for extra, shown in ((["--w-bits", "4", "--w-bits", "3"], "--w-bits given twice (4 and 3)"),
+                         (["--seed=1", "--seed", "2"], "--seed given twice (1 and 2)"),
+                         (["--mean", "0", "0", "0", "--mean", "0", "0", "1"],
+                          "--mean given twice ([0.0, 0.0, 0.0] and [0.0, 0.0, 1.0])")):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([*base, *extra])
+        assert exc.value.code == 2
+        assert f"texq eval: {shown}: give it once" in capsys.readouterr().err
+    args = build_parser().parse_args([*base, "--w-bits", "4", "--w-bits", "4"])
+    assert args.w_bits == 4 and args.model == "resnet8_cifar10"
+
+
+def test_an_option_given_twice_is_one_error_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--model", "resnet8_cifar10", "--data", "d.npz", "--out", "o", "--seed", "1",
+              "--seed", "2"])
+    err = capsys.readouterr().err
+    assert err.strip() == ("texq: error: texq run: --seed given twice (1 and 2): give it once "
+                           "(see texq run --help)")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_writes_nothing(capsys, tmp_path):
     torch.save(create_model("resnet8_cifar10").state_dict(), tmp_path / "r8.pt")

@@ -197,8 +197,26 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         "cifar100 or an image folder")
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's ``store`` that refuses an option given twice with two values (argparse would keep
+    the last one silently: ``--w-bits 4 ... --w-bits 3`` is more likely a slip than a choice)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", {})
+        if option_string and self.dest in given and given[self.dest] != values:
+            parser.error(f"{option_string} given twice ({given[self.dest]} and {values}): give it once")
+        given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors as one ``texq: error:`` line (exit status 2), as texq's own."""
+    """argparse with its errors as one ``texq: error:`` line (exit status 2), as texq's own, and
+    an option given twice with different values refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", "store", _StoreOnce)
+        self.register("action", None, _StoreOnce)
 
     def error(self, message: str):
         self.exit(2, f"texq: error: {self.prog}: {message} (see {self.prog} --help)\n")

@@ -42,7 +42,7 @@ from servers import (BIN, ROOT, CommandLines, cli, free_port, lab_env, lab_secre
 pytestmark = pytest.mark.integration
 
 GRID = {"w_bits,a_bits": [[3, 3], [4, 4]], "mkd": [True, False]}
-NAMES = {f"w_bits={b},a_bits={b},mkd={m}" for b in (3, 4) for m in (True, False)}
+NAMES = {f"W{b}A{b},mkd={m}" for b in (3, 4) for m in ("true", "false")}
 
 
 def _checkout(dest: Path) -> Path:
@@ -208,7 +208,9 @@ def test_a_grid_on_two_hosts_through_the_servers_then_nothing_finished_recompute
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
     runs = c.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if "texq.grid" in r.data.tags]
-    assert parent.info.status == "FAILED" and "w_bits,a_bits x mkd: 4 runs" in parent.info.run_name
+    assert parent.info.status == "FAILED" and "w_bits,a_bits x mkd, 4 runs" in parent.info.run_name
+    assert parent.data.tags["texq.end"] == "failed: 3 of 4 runs completed"
+    assert parent.data.metrics["runs_failed"] == 1 and parent.data.metrics["runs_completed"] == 3
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert {r.info.run_name for r in kids} == NAMES  # named by what differs, whatever order PostgreSQL keeps
     assert sorted(r.info.status for r in kids) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
@@ -238,7 +240,7 @@ def test_a_grid_on_two_hosts_through_the_servers_then_nothing_finished_recompute
     runs = c.search_runs([exp.experiment_id])
     results = [r for r in runs if "top1" in r.data.metrics]  # one result per combination, no more
     assert sorted(r.info.run_name for r in results) == sorted(NAMES)
-    assert {row["mlflow_run"].rsplit("/", 1)[-1] for row in table} == {r.info.run_id for r in results}
+    assert {row["mlflow_run"].split("?")[0].rsplit("/", 1)[-1] for row in table} == {r.info.run_id for r in results}
     assert not [r for r in runs if r.info.status == "RUNNING"]  # nothing left RUNNING
     # where each result was computed: both hosts' GPUs and checkouts
     assert {r.data.tags["texq.cuda_visible_devices"] for r in results} == {"0", "1"}

@@ -81,6 +81,10 @@ def test_a_stopped_stage_ends_killed_an_error_failed_and_a_flow_run_s_leftovers_
                 ids[flow] = run_id
                 raise exc
     assert c.get_run(ids["f1"]).info.status == "KILLED" and c.get_run(ids["f2"]).info.status == "FAILED"
+    # said apart in words where MLflow's UI draws one red icon for both
+    assert c.get_run(ids["f1"]).data.tags["texq.end"] == "stopped: stage train stopped by a signal"
+    assert c.get_run(ids["f2"]).data.tags["texq.end"] == "failed: stage train raised ValueError"
+    assert c.get_run(ids["f2"]).data.tags["texq.stage"] == "train failed"
     exp = experiment_id(c)
     left = [c.create_run(exp, tags={"prefect_flow_run_id": "f3"}).info.run_id for _ in range(2)]
     done = c.create_run(exp, tags={"prefect_flow_run_id": "f3"}).info.run_id
@@ -89,6 +93,7 @@ def test_a_stopped_stage_ends_killed_an_error_failed_and_a_flow_run_s_leftovers_
     assert sorted(end_flow_run_runs("f3", "KILLED", "Cancelled")) == sorted(left)
     assert [c.get_run(r).info.status for r in (*left, done, other)] == ["KILLED", "KILLED", "FINISHED", "RUNNING"]
     assert c.get_run(left[0]).data.tags[FLOW_END_TAG] == "Cancelled"
+    assert c.get_run(left[0]).data.tags["texq.end"] == "stopped: Prefect flow run Cancelled"
     assert end_flow_run_runs("", "FAILED") == []  # no flow run: nothing to end
     # a stage that outlived its flow run (its process died) opens no new run for it
     before = len(c.search_runs([exp]))

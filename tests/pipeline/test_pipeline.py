@@ -261,6 +261,8 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_changed(tiny_params, tmp
     assert c.search_model_versions("name='texq-resnet8_cifar10-w4a4'") == []  # auto: tiny runs register nothing
     (logged,) = [c.get_logged_model(o.model_id) for o in run.outputs.model_outputs]
     assert {m.key: m.value for m in logged.metrics}["top1"] == metrics["top1"]  # the model page's scores
+    keys = [m.key for m in logged.metrics]
+    assert len(keys) == len(set(keys)) and "fp_top1" in keys  # each score listed once
     assert not any(m.key.startswith(("generator/", "quantized/")) for m in logged.metrics)
     assert run.info.run_name == "texq-w4a4-s0-tiny"
     assert run.data.metrics["top1_ci95_low"] <= run.data.metrics["top1"] <= run.data.metrics["top1_ci95_high"]

@@ -58,7 +58,8 @@ def load_run(run_dir: str | os.PathLike) -> nn.Module:
 
     path = Path(run_dir)
     if not path.is_dir():
-        raise CheckpointError(f"run folder not found: {path} (expected a folder written by "
+        found = "is a file, not a run folder" if path.exists() else "run folder not found"
+        raise CheckpointError(f"{path}: {found} (expected a folder written by "
                               "`texq run` or the pipeline, holding train/qmodel.pt)")
     for qpath in (path / "train" / "qmodel.pt", path / "qmodel.pt"):
         if qpath.is_file():
