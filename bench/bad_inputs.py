@@ -199,7 +199,8 @@ def cases(f: dict, d: Path, run_dir: Path) -> list[tuple[str, list, str, dict]]:
         ("run: --set a key twice", [*run, *out_run, "--set", "finetune.lr=abc", "--set", "finetune.lr=0.001"],
          "given twice", {}),
         ("run: --set bytes not UTF-8", [*run, *out_run, "--set", b"finetune.lr=\xff"], "not UTF-8", {}),
-        *([("run: --device cuda without CUDA", [*run, *out_run, "--device", "cuda"], "no CUDA device", {})]
+        *([("run: --device cuda without CUDA", [*run[:run.index("--device")], *run[run.index("--device") + 2:],
+                                                 *out_run, "--device", "cuda"], "no CUDA device", {})]
           if not torch.cuda.is_available() else []),
         ("compare: a SQLite store that does not exist", ["compare"], "no MLflow store",
          {"MLFLOW_TRACKING_URI": f"sqlite:///{d / 'none.db'}"}),

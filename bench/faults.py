@@ -3,7 +3,7 @@ dvc.yaml, tiny profile, the pretrained CIFAR-10 ResNet-20 and the 1000 lossless 
 ``$TEXQ_ASSETS``), each followed by what a user is told to do, and what that leaves: finished work
 kept, epochs trained twice, the MLflow runs' final states, runs left RUNNING, metrics equal to the
 run without faults, wall time. The scenarios are those of tests/flows/faults.py (the integration
-test asserts a subset of them); this prints every one as the README's table.
+test asserts a subset of them); this prints every one as the table of docs/reliability.md.
 
     TEXQ_ASSETS=../shared/assets python bench/faults.py [--epochs 6] [--only SUBSTRING]
 

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
     set_numerics(False)
-    step1 = step1_ms(args.model, device, graphs, (10, 60) if graphs else (2, 4))
+    step1 = step1_ms(args.model, device, graphs, (10, 60) if graphs else (2, 10))
     res: dict = {"bench": "speedups", "model": args.model, "device": str(device),
                  "device_name": torch.cuda.get_device_name(device) if graphs
                  else platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -12,7 +12,7 @@ import re
 import time
 from typing import Annotated, Any
 
-from pydantic import Field, StringConstraints
+from pydantic import Field
 
 from flows import ROOT, store
 from flows.record import quietly

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A lab's servers on one machine: PostgreSQL, Prefect's server and MLflow's tracking server on it
 # (MLflow serving the artifacts itself), for workers on every GPU machine of the lab. Every API and
-# UI asks for credentials; off loopback the servers are reached over TLS (README: "Security").
+# UI asks for credentials; off loopback the servers are reached over TLS (docs/security.md).
 #
 #   scripts/lab.sh start     initialise (first time: database cluster, credentials, certificates)
 #                            and start them; writes $TEXQ_LAB_DIR/lab.env (mode 0600: the URLs and

@@ -1,6 +1,6 @@
 """Faults injected into real pipeline runs (``dvc repro`` of texq's dvc.yaml on the tiny profile,
 each stage its own process, MLflow in a SQLite store or behind a real ``mlflow server``), and what
-each leaves behind: the rows of the README's reliability table. Used by test_faults.py (a subset,
+each leaves behind: the rows of the reliability table of docs/reliability.md. Used by test_faults.py (a subset,
 asserted) and bench/faults.py (every scenario, printed).
 
 A scenario runs the pipeline once with its fault, then does what a user is told to do (free the

@@ -1,5 +1,5 @@
 """Faults injected into real pipeline runs (tests/flows/faults.py; bench/faults.py prints every
-scenario as the README's reliability table): finished work is kept, nothing finished is computed
+scenario as the reliability table of docs/reliability.md): finished work is kept, nothing finished is computed
 twice, the rerun ends with the metrics of a run without faults, and no MLflow run stays RUNNING."""
 
 from __future__ import annotations

@@ -247,7 +247,11 @@ def test_a_cancelled_child_ends_killed_in_mlflow_and_the_grid_says_cancelled(sta
                              str(tmp_path / "grid")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     child = _training_child(env, "epochs=400", proc)
-    time.sleep(3)  # inside the stage's epochs
+    work = tmp_path / "grid" / "epochs=400" / "out" / "pipeline" / ".work"
+    deadline = time.monotonic() + 300
+    while not any(work.glob("train-*/history.jsonl")):  # an epoch done: inside the stage's epochs
+        assert proc.poll() is None and time.monotonic() < deadline, "the train stage never ended an epoch"
+        time.sleep(0.2)
     cli(env, BIN / "prefect", "flow-run", "cancel", child)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "1 of 1 grid runs did not complete: 1 cancelled" in out + err

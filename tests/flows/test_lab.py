@@ -9,7 +9,7 @@ servers (MLflow's REST API, Prefect's client) and the DVC remote, never from a h
 Every client reaches the servers with lab.env's credentials; then the same lab is probed for what
 it refuses (test_the_lab_refuses_what_has_no_credentials): both APIs and UIs without or with wrong
 credentials, PostgreSQL and the credential files for another local user, every process's command
-line and every file for a secret. The printed table is README's "Security" table.
+line and every file for a secret. The printed table is the "Security" table of docs/security.md.
 
 Needs PostgreSQL's server binaries (.ci/run installs Debian's postgresql) and the shared assets
 (the hosts run the real ResNet-20 by name, so that their params, and DVC's run-cache keys, match).
@@ -36,8 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import (BIN, ROOT, CommandLines, cli, free_port, lab_env, lab_secrets, pg_bin, prefect_headers,
-                     prefect_view, stop)
+from servers import (BIN, ROOT, CommandLines, cli, free_port, lab_env, lab_secrets, pg_bin, prefect_view, stop)
 
 pytestmark = pytest.mark.integration
 
@@ -326,7 +325,7 @@ def _refused(p: subprocess.CompletedProcess) -> str:
 
 
 def test_the_lab_refuses_what_has_no_credentials(lab):
-    """Probes of the running lab: expected and seen, printed as README's "Security" table."""
+    """Probes of the running lab: expected and seen, printed as the "Security" table of docs/security.md."""
     env, d = lab["env"], lab["dir"]
     prefect, mlflow = env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"]
     ui = prefect.removesuffix("/api")

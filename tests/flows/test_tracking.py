@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 
 import pytest
+from streams import Lines
+
+EPOCH = re.compile(r"epoch \d+/")  # an epoch's log line (after a progress bar's \r, on the same line)
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
@@ -124,7 +128,6 @@ def test_sigterm_stops_a_stage_process_and_its_run_ends_killed(tiny_params, tmp_
     import signal
     import subprocess
     import sys
-    import time
 
     import yaml
     from mlflow.tracking import MlflowClient
@@ -141,12 +144,10 @@ def test_sigterm_stops_a_stage_process_and_its_run_ends_killed(tiny_params, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "flows.stage", "train", "--params", str(tmp_path / "params.yaml"),
                              "--out", str(out), "--device", "cpu"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    for line in proc.stderr:  # the stage's progress: stop it once its epochs run
-        if line.startswith("epoch ") or time.time() > deadline:
-            break
+    lines = Lines(proc.stderr)
+    lines.wait_for(EPOCH.search, 300, "the stage's first epoch")  # stop it once its epochs run
     os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    err = lines.text(proc)
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal SIGTERM" in err
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("texq").experiment_id
@@ -158,13 +159,11 @@ def test_sigterm_stops_a_stage_process_and_its_run_ends_killed(tiny_params, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "flows.stage", "train", "--params", str(tmp_path / "params.yaml"),
                              "--out", str(out), "--device", "cpu"], env=dict(env, TEXQ_FLOW_PID=str(flow.pid)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    for line in proc.stderr:
-        if line.startswith("epoch ") or time.time() > deadline:
-            break
+    lines = Lines(proc.stderr)
+    lines.wait_for(EPOCH.search, 300, "the stage's first epoch")
     flow.kill()
     flow.wait()
-    _, err = proc.communicate(timeout=60)
+    err = lines.text(proc)
     assert proc.returncode == 128 + signal.SIGTERM and f"its flow run's process {flow.pid} is gone" in err
     # the second session of the same pipeline run continued the first one's record (reopened it)
     (again,) = c.search_runs([exp])
@@ -178,17 +177,26 @@ def test_sigterm_stops_a_stage_process_and_its_run_ends_killed(tiny_params, tmp_
     assert len(c.search_runs([exp])) == 1
 
 
-def test_the_watch_on_a_flow_run_s_process_fires_once_it_is_gone():
+def test_the_watch_on_a_flow_run_s_process_fires_once_it_is_gone(monkeypatch):
     import subprocess
     import threading
-    import time
 
+    import flows.stage
     from flows.stage import alive, watch
 
+    looked, five = [], threading.Event()
+
+    def counted(pid: int) -> bool:  # the watch's own check, counted: no sleep decides the test
+        looked.append(pid)
+        if len(looked) >= 5:
+            five.set()
+        return alive(pid)
+
+    monkeypatch.setattr(flows.stage, "alive", counted)
     proc = subprocess.Popen(["sleep", "60"])
     fired = threading.Event()
     watch(proc.pid, fired.set, period=0.05)
-    time.sleep(0.3)
+    assert five.wait(30)  # the watch found the process alive five times
     assert alive(proc.pid) and not fired.is_set()
     proc.kill()  # not reaped yet: a zombie counts as gone
     assert fired.wait(10) and not alive(proc.pid)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from streams import Lines
 
 from texq.cli import main
 from texq.export import load_run
@@ -151,16 +152,12 @@ def test_bad_values_of_python_callers_are_texq_errors():
 
 def test_concurrent_runs_one_refused_and_a_sigkilled_owner_s_run_resumed_by_the_next(tiny_setup, tmp_path):
     """Black box: two ``texq run`` into one folder at once, then the owner SIGKILLed mid-training."""
-    import time
 
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "texq.cli", *map(str, _run_argv(tiny_setup, out)), "--set", "finetune.epochs=40"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    for line in first.stderr:  # the owner trains
-        if line.startswith("epoch 3/") or time.time() > deadline:
-            break
+    Lines(first.stderr).wait_for(lambda ln: ln.startswith("epoch 3/"), 300, "the owner's epoch 3")  # it trains
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in second.stderr.splitlines() if ln.startswith("texq: error:")]
     assert second.returncode == 2 and len(lines) == 1 and f"in use by process {first.pid}" in lines[0]
