@@ -223,6 +223,8 @@ def cases(f: dict, d: Path, run_dir: Path) -> list[tuple[str, list, str, dict]]:
         ("run: a setting used as a section", [*run, *out_run, "--set", "finetune.lr.x=1"], "finetune.lr={'x': 1}: expected a number", {}),
         ("run: --w-bits given twice", [*run, *out_run, "--w-bits", "4", "--w-bits", "3"],
          "--w-bits given twice (4 and 3)", {}),
+        ("run: a flag and --set of one key", [*run, *out_run, "--w-bits", "3", "--set", "w_bits=4"],
+         "--w-bits 3 and --set w_bits=4 set one key twice", {}),
         ("eval: --data given twice", [*evd, "--data", str(f["grey"])], "--data given twice", {}),
         ("export: a file, not a run folder", ["export", str(f["afile"]), "--onnx", str(d / "x.onnx")],
          "afile.txt: is a file, not a run folder", {}),

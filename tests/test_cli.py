@@ -218,6 +218,28 @@ def test_an_option_given_twice_is_one_error_line(capsys):
                            "(see texq run --help)")
 
 
+def test_run_flags_are_spellings_of_config_keys_with_their_defaults():
+    """texq run's --w-bits, --seed, --no-mkd, ... set their key only when given (an absent flag
+    leaves the key's own default, or --set's value), and a flag against a --set of the same key
+    with another value is one line naming both."""
+    from texq.cli import build_parser, run_flags
+    from texq.run.config import RunConfig
+    from texq.util.errors import TexqError
+
+    base = ["run", "--model", "resnet8_cifar10", "--data", "d.npz", "--out", "o"]
+    assert run_flags(build_parser().parse_args(base), {}) == {}
+    args = build_parser().parse_args([*base, "--w-bits", "3", "--no-mkd", "--seed", "2"])
+    assert run_flags(args, {"seed": 2, "finetune.lr": 0.1}) == {"w_bits": 3, "mkd": False, "seed": 2}
+    with pytest.raises(TexqError, match=r"^--w-bits 3 and --set w_bits=4 set one key twice: give it once$"):
+        run_flags(args, {"w_bits": 4})
+    with pytest.raises(TexqError, match=r"^--no-mkd and --set mkd=True set one key twice"):
+        run_flags(args, {"mkd": True})
+    # the flags' defaults are the config's: nothing given, the dataclass decides
+    cfg = RunConfig.for_profile("tiny", model="resnet8_cifar10", checkpoint="c.pt", overrides={"w_bits": 3},
+                                **run_flags(build_parser().parse_args(base), {"w_bits": 3}))
+    assert (cfg.w_bits, cfg.a_bits, cfg.seed, cfg.mkd, cfg.method) == (3, 4, 0, True, "texq")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_writes_nothing(capsys, tmp_path):
     torch.save(create_model("resnet8_cifar10").state_dict(), tmp_path / "r8.pt")

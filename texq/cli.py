@@ -120,6 +120,26 @@ def factory_model(args: argparse.Namespace):
     return None
 
 
+# texq run's flags that are second spellings of config keys (RunConfig's fields): each given flag
+# sets its key, an absent one leaves the key's default (the dataclass's, the profile's or --set's)
+RUN_FLAGS = {"train_data": "--train-data", "method": "--method", "w_bits": "--w-bits", "a_bits": "--a-bits",
+             "seed": "--seed", "device": "--device", "laws": "--no-laws", "layered_bns": "--no-layered-bns",
+             "mkd": "--no-mkd"}
+
+
+def run_flags(args: argparse.Namespace, overrides: dict[str, object]) -> dict[str, object]:
+    """The config keys ``texq run``'s flags set (only those given); a flag and a ``--set`` of the
+    same key with another value is refused in one line naming both."""
+    given = {k: getattr(args, k) for k in ("train_data", "method", "w_bits", "a_bits", "seed", "device")
+             if getattr(args, k) is not None}
+    given.update({k: False for k in ("laws", "layered_bns", "mkd") if getattr(args, f"no_{k}")})
+    for key, value in given.items():
+        if key in overrides and overrides[key] != value:
+            shown = RUN_FLAGS[key] + ("" if isinstance(value, bool) else f" {value}")
+            raise TexqError(f"{shown} and --set {key}={overrides[key]} set one key twice: give it once")
+    return given
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     from texq.run.config import RunConfig
     from texq.run.runner import run
@@ -127,13 +147,11 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
     check_dest(args.out, folder=True)
     model = factory_model(args)  # a factory's errors come before any work
+    overrides = parse_overrides(args.set or [])
     cfg = RunConfig.for_profile(
-        args.profile, info=model.texq_info if model is not None else None,
-        overrides=parse_overrides(args.set or []),
-        model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-        data=args.data, train_data=args.train_data, method=args.method, w_bits=args.w_bits,
-        a_bits=args.a_bits, seed=args.seed, device=args.device, laws=not args.no_laws,
-        layered_bns=not args.no_layered_bns, mkd=not args.no_mkd)
+        args.profile, info=model.texq_info if model is not None else None, overrides=overrides,
+        model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
+        **run_flags(args, overrides))
     log.info("texq run: %s W%dA%d %s, profile %s, seed %d -> %s", cfg.method, cfg.w_bits,
              cfg.a_bits, cfg.model, cfg.profile, cfg.seed, args.out)
     return run(cfg, args.out, progress=not args.no_progress, model=model)
@@ -265,13 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="quantize a model with TexQ or a baseline, fine-tune, evaluate")
     _model_flags(r)
     r.add_argument("--train-data", help="real training images (method real only)")
-    r.add_argument("--method", choices=METHODS, default="texq")
+    # each a spelling of a config key (--set KEY=VALUE), its default the key's
+    r.add_argument("--method", choices=METHODS, help="method (default texq)")
     r.add_argument("--profile", choices=PROFILES, default="paper",
                    help="paper: the full protocol (GPU); quick: minutes on a CPU; tiny: tests")
-    r.add_argument("--w-bits", type=int, default=4)
-    r.add_argument("--a-bits", type=int, default=4)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", choices=DEVICES, default="auto")
+    r.add_argument("--w-bits", type=int, help="weight bits, 2..8 (default 4)")
+    r.add_argument("--a-bits", type=int, help="activation bits, 2..8 (default 4)")
+    r.add_argument("--seed", type=int, help="seeds every random draw of the run (default 0)")
+    r.add_argument("--device", choices=DEVICES, help="auto (default: CUDA when present), cpu or cuda")
     r.add_argument("--out", required=True, help="run folder (a rerun with the same --out resumes)")
     r.add_argument("--no-laws", action="store_true", help="ablation: drop L_LAWS^C (Table 3)")
     r.add_argument("--no-layered-bns", action="store_true",
@@ -282,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_run)
 
-    st = sub.add_parser("stage", help="run one pipeline stage from params.yaml (dvc.yaml calls this)")
+    st = sub.add_parser("stage", help="run one pipeline stage from params.yaml, unrecorded (dvc.yaml "
+                        "runs python -m flows.stage, the same stage recorded into MLflow)")
     st.add_argument("name", choices=STAGES)
     st.add_argument("--params", default="params.yaml", help="the pipeline's parameters file")
     st.add_argument("--out", default="out/pipeline", help="folder of the stages' outputs")
