@@ -207,19 +207,20 @@ def _record_notes(c, run_id: str, key: str, out: Path) -> None:
     """Record the stages noted as unrecorded in ``out`` for pipeline run ``key`` (their config
     from the train stage's summary; without one, only teacher's score)."""
     from texq.run.config import RunConfig
+    from texq.run.layout import Layout
     from texq.util.io import read_json
     from texq.util.keys import build
 
     notes = [n["stage"] for n in unrecorded(out, key)]
     if not notes:
         return
-    summary = out / "train" / "summary.json"
+    layout = Layout(out)
     try:
-        cfg = build(RunConfig, read_json(summary)["config"])
+        cfg = build(RunConfig, read_json(layout.summary)["config"])
     except Exception:  # no train stage yet, or a config this code cannot read: metrics and files only
         cfg = None
     for stage in notes:
         record_stage(c, run_id, stage, out, cfg)
     forget_unrecorded(out, notes, key)
-    if "evaluate" in notes and (out / "metrics.json").is_file():
+    if "evaluate" in notes and layout.metrics.is_file():
         end_run(c, run_id, "FINISHED")

@@ -61,10 +61,10 @@ def load_run(run_dir: str | os.PathLike) -> nn.Module:
         found = "is a file, not a run folder" if path.exists() else "run folder not found"
         raise CheckpointError(f"{path}: {found} (expected a folder written by "
                               "`texq run` or the pipeline, holding train/qmodel.pt)")
-    for qpath in (path / "train" / "qmodel.pt", path / "qmodel.pt"):
-        if qpath.is_file():
-            Layout(qpath.parent.parent).verify("train")  # as a texq run recorded it, if it did
-            return load_quantized(qpath)
+    for layout in (Layout(path), Layout(path.parent)):  # the run folder, or its train/ folder itself
+        if layout.qmodel.is_file() and path in (layout.root, layout.train):
+            layout.verify("train")  # as a texq run recorded it, if it did
+            return load_quantized(layout.qmodel)
     raise CheckpointError(f"no quantized model in run folder {path}: train/qmodel.pt not found "
                           "(a run writes it when its training finishes)")
 
