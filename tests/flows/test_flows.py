@@ -96,26 +96,6 @@ def test_the_zombie_flow_automation_is_created_once_with_prefect_s_trigger(stack
     assert refused.returncode == 2 and "expected at least 60 s" in refused.stderr
 
 
-def test_grid_axes_and_overrides_are_checked_before_any_run(tiny_params):
-    from flows.grid import expand
-    from flows.pipeline import merged_params
-    from texq.util.errors import TexqError
-
-    combos = expand({"w_bits,a_bits": [[3, 3], [4, 4]], "seed": [0, 1]})
-    assert combos == [{"w_bits": 3, "a_bits": 3, "seed": 0}, {"w_bits": 3, "a_bits": 3, "seed": 1},
-                      {"w_bits": 4, "a_bits": 4, "seed": 0}, {"w_bits": 4, "a_bits": 4, "seed": 1}]
-    with pytest.raises(TexqError, match="each value must list 2 items"):
-        expand({"w_bits,a_bits": [[3, 3], 4]})
-    with pytest.raises(TexqError, match="non-empty lists"):
-        expand({"seed": []})
-    params = merged_params(tiny_params, {"finetune.alpha6": 7.0, "w_bits": 3})  # --set's keys
-    assert params["finetune"]["alpha6"] == 7.0 and params["w_bits"] == 3
-    with pytest.raises(TexqError, match="'finetune.alpha7'"):
-        merged_params(tiny_params, {"finetune.alpha7": 1})
-    with pytest.raises(TexqError, match="alpha6='x': expected a number"):
-        merged_params(tiny_params, {"finetune.alpha6": "x"})
-
-
 @pytest.fixture(scope="module")
 def pool(stack):
     """The texq and texq-control work pools, both deployments and 2 workers on the texq pool."""

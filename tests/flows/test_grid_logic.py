@@ -3,9 +3,13 @@ checks of its keys (as the Prefect server makes them) and how a run's end is sai
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 
 import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("prefect") is None,
+                                reason="the pipeline extra is not installed")
 
 
 def test_a_child_is_named_by_what_sets_it_apart_bits_first_and_short():
@@ -128,3 +132,23 @@ def test_a_grid_s_view_shows_its_children_only_best_first(tmp_path, monkeypatch)
     assert runs_view_url(exp, key) == (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey={key}"
                                        "&workflowType=machine_learning")
     assert runs_view_url(exp, key, charts=True) == runs_view_url(exp, key) + "&compareRunsMode=CHART"
+
+
+def test_grid_axes_and_overrides_are_checked_before_any_run(tiny_params):
+    from flows.grid import expand
+    from flows.pipeline import merged_params
+    from texq.util.errors import TexqError
+
+    combos = expand({"w_bits,a_bits": [[3, 3], [4, 4]], "seed": [0, 1]})
+    assert combos == [{"w_bits": 3, "a_bits": 3, "seed": 0}, {"w_bits": 3, "a_bits": 3, "seed": 1},
+                      {"w_bits": 4, "a_bits": 4, "seed": 0}, {"w_bits": 4, "a_bits": 4, "seed": 1}]
+    with pytest.raises(TexqError, match="each value must list 2 items"):
+        expand({"w_bits,a_bits": [[3, 3], 4]})
+    with pytest.raises(TexqError, match="non-empty lists"):
+        expand({"seed": []})
+    params = merged_params(tiny_params, {"finetune.alpha6": 7.0, "w_bits": 3})  # --set's keys
+    assert params["finetune"]["alpha6"] == 7.0 and params["w_bits"] == 3
+    with pytest.raises(TexqError, match="'finetune.alpha7'"):
+        merged_params(tiny_params, {"finetune.alpha7": 1})
+    with pytest.raises(TexqError, match="alpha6='x': expected a number"):
+        merged_params(tiny_params, {"finetune.alpha6": "x"})
