@@ -231,7 +231,7 @@ def record_grid(c, parent_id: str, combos: list[dict], rows: list[dict], log) ->
     def end() -> None:
         from mlflow.entities import Metric
 
-        from flows.tracking import end_run
+        from flows.run_end import end_run
 
         _log_table(c, parent_id, table)
         now = int(time.time() * 1000)

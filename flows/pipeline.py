@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import StringConstraints
 
-from flows import record, store, tracking, workspace
+from flows import provenance, record, run_end, store, tracking, workspace
 from flows.grid import (
     Grid,
     Overrides,
@@ -66,7 +66,7 @@ def _end_mlflow_runs(status: str):
     def hook(flow, run, state) -> None:
         from prefect.logging.loggers import flow_run_logger
 
-        ended = tracking.end_flow_run_runs(str(run.id), status, state.name)
+        ended = run_end.end_flow_run_runs(str(run.id), status, state.name)
         if ended:
             flow_run_logger(run, flow).info("MLflow runs %s ended %s (Prefect: %s)", ", ".join(ended),
                                             status, state.name)
@@ -234,7 +234,7 @@ def grid_search(grid: Grid, overrides: Overrides = {}, base_params: str = "param
     # its flow run's name first (what tells two grids apart), then what it varies and fixes
     parent = c.create_run(experiment_id(c), run_name=f"grid {flow_run.get_name()}: {axes}, {len(combos)} runs{fixed}",
                           tags={"texq.grid": json.dumps(grid), "texq.grid_overrides": json.dumps(overrides),
-                                "prefect_flow_run_id": flow_run.get_id() or "", **tracking.where_tags()})
+                                "prefect_flow_run_id": flow_run.get_id() or "", **provenance.where_tags()})
     parent_id = parent.info.run_id
     for axis, values in grid.items():  # MLflow keys take no comma: a zipped axis as w_bits/a_bits
         c.log_param(parent_id, f"grid.{axis.replace(',', '/')}", json.dumps(values))

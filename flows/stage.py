@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from flows.tracking import Orphaned, Terminated, run_tracked_stage, say
+    from flows.run_end import Orphaned, Terminated
+    from flows.tracking import run_tracked_stage, say
 
     flow_pid = int(os.environ.get(FLOW_PID_ENV) or 0)
     orphaned, stopping = threading.Event(), threading.Event()

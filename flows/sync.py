@@ -29,19 +29,9 @@ from flows.record import (
     unrecorded,
 )
 from flows.store import client, experiment_id, experiment_name
-from flows.tracking import (
-    FLOW_END_TAG,
-    HOST_ID_TAG,
-    KEY_TAG,
-    OUT_TAG,
-    PID_TAG,
-    STAGE_TAG,
-    end_run,
-    find_or_create_run,
-    host_id,
-    pipeline_key,
-    stage_lock,
-)
+from flows.provenance import HOST_ID_TAG, host_id
+from flows.run_end import FLOW_END_TAG, end_run
+from flows.tracking import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG, find_or_create_run, pipeline_key, stage_lock
 from texq.util.errors import ConfigError
 from texq.util.io import file_digest
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import subprocess
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from flows import ROOT
 from flows.record import (
     METRICS_TAG,
     TRAINED_TAG,
@@ -30,93 +28,24 @@ from flows.record import (
     tracking_error,
     unrecorded,
 )
+from flows.provenance import git_commit, where_tags
+from flows.run_end import END_WORDS, FLOW_END_TAG, Orphaned, Terminated, end_run, end_state
 from flows.store import client, experiment_id, experiment_name, tracking_uri
 from texq.util.io import file_digest
 
 __all__ = ["TRAINED_TAG", "METRICS_TAG"]  # re-exported: flows.compare reads them from here
 KEY_TAG = "texq.pipeline_key"
-FLOW_END_TAG = "texq.flow_run_end"  # the Prefect state that ended a flow run's MLflow runs
 STAGE_TAG = "texq.stage"  # "<stage> running" while a stage process works in the run, then "<stage> done"
 PID_TAG = "texq.stage_pid"  # that process (with texq.host_id: where), for texq track reconcile
-HOST_ID_TAG = "texq.host_id"  # the process space the stage ran in (host_id): where its pid means something
 OUT_TAG = "texq.out"  # the folder the stages write (on texq.host), for texq track reconcile
 RESUMED_TAG = "texq.resumed"  # how often the run was reopened by a later session of the same pipeline run
 RUN_NAME_ENV = "TEXQ_RUN_NAME"  # a grid child's name: its combination (flows.pipeline)
-# How a run ended, in words (a column of texq's runs view): MLflow's UI draws KILLED and FAILED
-# with one red icon, so "stopped" (KILLED: cancelled, a signal) and "failed" (an error, a crash)
-# are said apart, with why
-END_TAG = "texq.end"
-END_WORDS = {"FINISHED": "finished", "KILLED": "stopped", "FAILED": "failed"}
-
-
-def end_words(status: str, why: str = "") -> str:
-    """``status`` (FINISHED, KILLED, FAILED) as :data:`END_TAG` says it: ``stopped: Prefect flow
-    run Cancelled``."""
-    return END_WORDS.get(status, status.lower()) + (f": {why}" if why else "")
-
-
-def end_run(c, run_id: str, status: str, why: str = "") -> None:
-    """End an MLflow run with ``status``, its :data:`END_TAG` saying how and why (tagged first:
-    a run never shows an end without its words)."""
-    c.set_tag(run_id, END_TAG, end_words(status, why))
-    c.set_terminated(run_id, status)
-
-
-def git_commit() -> str:
-    """The project's commit: that of ``$DVC_ROOT`` (the repo a queued DVC experiment came from),
-    else of the checkout holding this code (a Prefect run's workspace need not be in one)."""
-    for where in (os.environ.get("DVC_ROOT"), ROOT):
-        if not where:
-            continue
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
-                                 text=True, timeout=10)
-        except OSError:
-            continue
-        if out.returncode == 0:
-            return out.stdout.strip()
-    return "unknown"
 
 
 def pipeline_key(params_file: str | Path, parent_run_id: str = "") -> str:
     parts = [Path(params_file).read_text(), git_commit(), os.environ.get("DVC_EXP_NAME", ""),
              parent_run_id]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-
-
-def host_id() -> str:
-    """This process space: the machine (its machine-id), its boot and its PID namespace, hashed.
-    A stage's process id means something only where this is the same: two machines or containers
-    with one host name differ here, and texq track reconcile judges only the pids of its own."""
-    import socket
-
-    parts = [socket.gethostname()]
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id", "/proc/sys/kernel/random/boot_id"):
-        try:
-            parts.append(Path(path).read_text().strip())
-        except OSError:
-            parts.append("")
-    try:
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    except OSError:
-        parts.append("")
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-
-
-def where_tags() -> dict[str, str]:
-    """Where a stage runs, as run tags: the host, the GPUs it sees (``CUDA_VISIBLE_DEVICES`` as the
-    worker set it, and the devices' names, or ``cpu``) and the checkout its code comes from."""
-    import socket
-
-    import torch
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-             if torch.cuda.is_available() else [])
-    return {"texq.host": socket.gethostname(), HOST_ID_TAG: host_id(),
-            "texq.cuda_visible_devices": "(unset)" if visible is None else visible,
-            "texq.gpu": ", ".join(names) if names else "cpu",
-            "texq.checkout": str(ROOT)}
 
 
 def flat_params(cfg) -> dict[str, str]:
@@ -182,24 +111,6 @@ def _log_params(c, run, cfg) -> None:
     items = [Param(k, v) for k, v in flat_params(cfg).items() if k not in run.data.params]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         c.log_batch(run.info.run_id, params=items[i:i + 100])
-
-
-class Terminated(BaseException):
-    """The stage process was asked to stop (SIGTERM: Prefect cancelling its flow run, a worker
-    or host shutting down); its run ends KILLED, not FAILED."""
-
-
-class Orphaned(Terminated):
-    """The stage's flow run is over (its process died: Prefect calls it Crashed); the stage stops
-    and its run ends FAILED, as the flow run's own runs do."""
-
-
-def end_state(exc: BaseException) -> str:
-    """The MLflow status a run ends in when its stage raised ``exc``: KILLED when the stage was
-    stopped from outside (SIGTERM, Ctrl-C), FAILED for an error or a flow run that died."""
-    if isinstance(exc, Orphaned):
-        return "FAILED"
-    return "KILLED" if isinstance(exc, (Terminated, KeyboardInterrupt)) else "FAILED"
 
 
 def say(text: str) -> None:
@@ -313,23 +224,6 @@ def result_run_id(flow_run_id: str, metrics: Path) -> str | None:
             if runs:
                 return runs[0].info.run_id
     return None
-
-
-def end_flow_run_runs(flow_run_id: str, status: str, state: str = "") -> list[str]:
-    """End every MLflow run still RUNNING that a Prefect flow run opened (its pipeline run, or a
-    grid's parent run) with ``status`` (KILLED for a cancelled flow run, FAILED for a crashed one):
-    the state Prefect gave it, ``state``, is tagged, so that a stage process that outlived its
-    flow run opens no new run (:func:`find_or_create_run`). Returns the run ids ended."""
-    c = client()
-    exp = c.get_experiment_by_name(experiment_name())
-    if exp is None or not flow_run_id:
-        return []
-    runs = c.search_runs([exp.experiment_id], f"tags.`prefect_flow_run_id` = '{flow_run_id}' "
-                         "and attributes.status = 'RUNNING'", max_results=1000)
-    for run in runs:
-        c.set_tag(run.info.run_id, FLOW_END_TAG, state or status)
-        end_run(c, run.info.run_id, status, f"Prefect flow run {state}" if state else "")
-    return [r.info.run_id for r in runs]
 
 
 def run_tracked_stage(name: str, params_file: str | Path, out: str | Path, device: str = "auto",

@@ -16,11 +16,11 @@ import sys
 import time
 from importlib.metadata import entry_points
 
+from texq.cli_parsing import Parser, count, model_flags
 from texq.pipeline.stages import STAGES
 from texq.run.config import PROFILES
 from texq.run.methods import METHODS
 from texq.util.device import DEVICES
-from texq.util.domains import COUNT_LIMIT
 from texq.util.errors import TexqError, user_message
 
 log = logging.getLogger("texq")
@@ -198,70 +198,12 @@ def cmd_export(args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _model_flags(parser: argparse.ArgumentParser) -> None:
-    """The full-precision model, its weights and the evaluation set (texq eval, texq run)."""
-    parser.add_argument("--model", required=True, help="registry name, e.g. resnet20_cifar10 (see "
-                        "`texq models`), or a factory my_models:build returning an nn.Module "
-                        "(from . or PYTHONPATH)")
-    # a factory's model without texq_info is described by these (each replaces its texq_info's)
-    parser.add_argument("--num-classes", type=count(1), help="a factory's model: its class count")
-    parser.add_argument("--input-size", type=count(1), help="a factory's model: its square input side (px)")
-    parser.add_argument("--mean", type=float, nargs=3, metavar="M", help="a factory's model: RGB mean")
-    parser.add_argument("--std", type=float, nargs=3, metavar="S", help="a factory's model: RGB std")
-    parser.add_argument("--checkpoint", help="weights of the full-precision model (a state dict or "
-                        "a dict holding one)")
-    parser.add_argument("--pretrained", action="store_true", help="use the published weights")
-    parser.add_argument("--data", required=True, help="evaluation set: a .npz file, cifar10, "
-                        "cifar100 or an image folder")
-
-
-class _StoreOnce(argparse._StoreAction):
-    """argparse's ``store`` that refuses an option given twice with two values (argparse would keep
-    the last one silently: ``--w-bits 4 ... --w-bits 3`` is more likely a slip than a choice)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        given = namespace.__dict__.setdefault("_given", {})
-        if option_string and self.dest in given and given[self.dest] != values:
-            parser.error(f"{option_string} given twice ({given[self.dest]} and {values}): give it once")
-        given[self.dest] = values
-        super().__call__(parser, namespace, values, option_string)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors as one ``texq: error:`` line (exit status 2), as texq's own, and
-    an option given twice with different values refused."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register("action", "store", _StoreOnce)
-        self.register("action", None, _StoreOnce)
-
-    def error(self, message: str):
-        self.exit(2, f"texq: error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def count(low: int, high: int = COUNT_LIMIT):
-    """An argparse type: an integer >= ``low`` and < ``high`` (a count's, or a seed's, range)."""
-    bound = f" and < 2**{high.bit_length() - 1}"
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if not low <= value < high:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}{bound if value >= high else ''}, "
-                                             f"got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="texq", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="top-1/top-5 of a full-precision or quantized model")
-    _model_flags(e)
+    model_flags(e)
     e.add_argument("--w-bits", type=int, default=32, help="weight bits, 2..8 (32 = float)")
     e.add_argument("--a-bits", type=int, default=32, help="activation bits, 2..8 (32 = float)")
     e.add_argument("--per-tensor", action="store_true", help="one weight range per tensor")
@@ -281,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("run", help="quantize a model with TexQ or a baseline, fine-tune, evaluate")
-    _model_flags(r)
+    model_flags(r)
     r.add_argument("--train-data", help="real training images (method real only)")
     # each a spelling of a config key (--set KEY=VALUE), its default the key's
     r.add_argument("--method", choices=METHODS, help="method (default texq)")

@@ -214,7 +214,8 @@ def test_reconcile_ends_a_completed_flow_run_s_run_and_leaves_another_machine_s_
         store, out, tiny_params, monkeypatch):
     from flows.store import experiment_id
     from flows.sync import reconcile
-    from flows.tracking import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG, where_tags
+    from flows.provenance import where_tags
+    from flows.tracking import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -95,7 +95,7 @@ def test_the_flow_names_the_closest_keys_of_a_misspelled_grid_key(tiny_params):
 
 
 def test_a_run_s_end_is_said_in_words_that_tell_stopped_from_failed():
-    from flows.tracking import end_words
+    from flows.run_end import end_words
 
     assert end_words("KILLED", "Prefect flow run Cancelled") == "stopped: Prefect flow run Cancelled"
     assert end_words("FAILED", "stage train raised RuntimeError") == "failed: stage train raised RuntimeError"

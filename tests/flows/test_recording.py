@@ -115,7 +115,8 @@ def test_the_next_stage_records_what_the_last_one_could_not(store, out, tiny_par
 
 
 def test_an_interrupted_session_continues_its_run_instead_of_opening_another(store, out, tiny_params):
-    from flows.tracking import RESUMED_TAG, Terminated, tracked_stage
+    from flows.run_end import Terminated
+    from flows.tracking import RESUMED_TAG, tracked_stage
     from texq.pipeline import read_config
 
     cfg = read_config(tiny_params, "cpu").run
@@ -142,7 +143,8 @@ def test_reconcile_ends_the_runs_of_dead_stage_processes_recording_their_finishe
     from flows.record import note_unrecorded
     from flows.store import experiment_id
     from flows.sync import reconcile
-    from flows.tracking import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG, where_tags
+    from flows.provenance import where_tags
+    from flows.tracking import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -64,14 +64,8 @@ def test_the_experiment_opens_on_its_runs_with_texq_columns(tmp_path, monkeypatc
 def test_a_stopped_stage_ends_killed_an_error_failed_and_a_flow_run_s_leftovers_end_as_told(
         tiny_params, tmp_path, monkeypatch):
     from flows.store import experiment_id
-    from flows.tracking import (
-        FLOW_END_TAG,
-        Orphaned,
-        Terminated,
-        end_flow_run_runs,
-        end_state,
-        tracked_stage,
-    )
+    from flows.run_end import FLOW_END_TAG, Orphaned, Terminated, end_flow_run_runs, end_state
+    from flows.tracking import tracked_stage
     from texq.pipeline import read_config
 
     assert [end_state(e) for e in (Terminated(), KeyboardInterrupt(), ValueError(), SystemExit(1),
