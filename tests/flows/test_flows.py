@@ -154,7 +154,7 @@ def test_grid_on_two_workers_gives_four_finished_child_runs(stack, pool, tiny_pa
     # the experiment opens on its runs (not MLflow's GenAI overview); texq's view of the runs table
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(exp.tags["mlflow.sharedViewState.texq"])
-    assert {"metrics.`top1`", "params.`w_bits`", "params.`method`", "params.`seed`"} <= set(view["selectedColumns"])
+    assert {"metrics.`top1`", "params.`w_bits`", "params.`a_bits`", "params.`mkd`", "tags.`texq.end`"} <= set(view["selectedColumns"])
     runs = c.search_runs([exp.experiment_id])
     parents = [r for r in runs if "texq.grid" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -261,7 +261,7 @@ def test_a_prefect_server_restart_mid_train_is_waited_out_and_nothing_is_trained
     proc = subprocess.Popen([sys.executable, "-c", GRID_CODE, json.dumps(grid), str(tiny_params),
                              str(tmp_path / "grid")], cwd=ROOT, env=dict(env, PREFECT_CLIENT_MAX_RETRIES="7"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    child = _training_child(env, "finetune.epochs=30", proc)
+    child = _training_child(env, "epochs=30", proc)
     away = start.restart_prefect()
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, (out + err)[-3000:]
@@ -273,7 +273,7 @@ def test_a_prefect_server_restart_mid_train_is_waited_out_and_nothing_is_trained
     exp = c.get_experiment_by_name("texq")
     (run,) = c.search_runs([exp.experiment_id], f"tags.`prefect_flow_run_id` = '{child}'")
     assert run.info.status == "FINISHED"
-    history = (tmp_path / "grid" / "finetune.epochs=30" / "out" / "pipeline" / "train" / "history.jsonl")
+    history = (tmp_path / "grid" / "epochs=30" / "out" / "pipeline" / "train" / "history.jsonl")
     epochs = [json.loads(line)["epoch"] for line in history.read_text().splitlines()]
     assert epochs == sorted(set(epochs)) and len(epochs) == len(c.get_metric_history(run.info.run_id, "generator/ce_loss"))
     print(f"\nPrefect server away {away:.0f} s mid-train: waited out")
