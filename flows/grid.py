@@ -70,10 +70,15 @@ def expand(grid: dict[str, list]) -> list[dict[str, Any]]:
     return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
 
 
+def axis_keys(grid: dict[str, list]) -> tuple[str, ...]:
+    """The params keys the grid varies, in its axes' order (a zipped axis gives each of its keys)."""
+    return tuple(dict.fromkeys(k.strip() for axis in ordered_axes(grid) for k in axis.split(",")))
+
+
 def run_wide(grid: dict[str, list], overrides: dict[str, Any] | None) -> dict[str, Any]:
     """A grid's run-wide ``overrides`` (every child's), refused where a key is also an axis."""
     overrides = dict(overrides or {})
-    both = sorted(set(overrides) & {k.strip() for axis in grid for k in axis.split(",")})
+    both = sorted(set(overrides) & set(axis_keys(grid)))
     if both:
         raise TexqError(f"{', '.join(both)}: both a grid axis and in overrides; give each key in one of them")
     return overrides

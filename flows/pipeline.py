@@ -21,6 +21,7 @@ from flows import provenance, record, run_end, store, tracking, workspace
 from flows.grid import (
     Grid,
     Overrides,
+    axis_keys,
     child_folder,
     child_result,
     expand,
@@ -240,8 +241,7 @@ def grid_search(grid: Grid, overrides: Overrides = {}, base_params: str = "param
         c.log_param(parent_id, f"grid.{axis.replace(',', '/')}", json.dumps(values))
     for key, value in overrides.items():
         c.log_param(parent_id, key, json.dumps(value))
-    keys = tuple(dict.fromkeys(k.strip() for axis in ordered_axes(grid) for k in axis.split(",")))
-    view_key = store.add_grid_view(c, parent.info.experiment_id, parent_id, keys)
+    view_key = store.add_grid_view(c, parent.info.experiment_id, parent_id, axis_keys(grid))
     view = store.runs_view_url(parent.info.experiment_id, view_key)
     if view:
         charts = store.runs_view_url(parent.info.experiment_id, view_key, charts=True)
