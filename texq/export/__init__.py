@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 import texq
-from texq.export.integer import integer_input
+from texq.export.eligible import integer_input
 from texq.export.qparams import LayerQDQ, float_model, quantized_layers
 from texq.models import get_info
 from texq.util.errors import CheckpointError, ExportError
