@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from texq.method.augment import (
     crop_params,
+    draw_calibration,
     random_flip,
     random_resized_crop_flip,
     resized_crop,
@@ -226,3 +227,18 @@ def test_cuda_graph_capture():
     graph2.replay()
     torch.cuda.manual_seed(7)
     assert torch.equal(out2, random_resized_crop_flip(images))
+
+
+def test_draw_calibration_draws_distinct_images_with_their_labels():
+    images = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
+    labels = torch.arange(10) + 100
+    torch.manual_seed(0)
+    x, y = draw_calibration(images, labels, 6, None)
+    picked = x[:, 0, 0, 0].long()
+    assert len(set(picked.tolist())) == 6 and torch.equal(y, picked + 100)  # no repeats, own labels
+    assert torch.equal(x, images[picked])  # no augmentation without a crop scale
+    assert draw_calibration(images, labels, 50, None)[0].shape[0] == 10  # at most all of them
+    torch.manual_seed(0)
+    xa, ya = draw_calibration(images, labels, 6, (0.5, 1.0))
+    assert torch.equal(ya, y) and xa.shape == x.shape  # the same draw, then cropped and flipped
+

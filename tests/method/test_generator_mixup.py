@@ -7,7 +7,7 @@ import torch
 
 from texq.method.generator import GDFQ_BN_EPS, Generator
 from texq.method.kd import kd_loss
-from texq.method.mixup import mixup_samples
+from texq.method.mixup import MIX_FORMS, mixed_scores, mixup_samples
 
 
 @pytest.mark.parametrize("conditional_bn", [False, True])
@@ -80,3 +80,47 @@ def test_kd_loss_against_its_definition():
     assert kd_loss(s, t, 1.0).item() > 0
     with pytest.raises(ValueError, match="sum"):
         kd_loss(s, t, temp, "sum")
+
+
+@pytest.mark.parametrize("form", MIX_FORMS)
+def test_each_mix_form_scores_each_sample_s_own_mix(form):
+    """Whatever the form, Q's score of a sample in the KD term is Q on that sample's mix, scored
+    alone (a slow reference: one sample at a time), the CE pass is Q on the samples, and every
+    form draws the same mixes."""
+    torch.manual_seed(0)
+    q = torch.nn.Linear(6, 3)
+    x = torch.randn(12, 6)
+    torch.manual_seed(1)
+    x_mix, mask = mixup_samples(x, 0.5)
+    assert 0 < mask.sum() < 12
+    torch.manual_seed(1)
+    out, student, kd_in, mixed, overflow = mixed_scores(q, x, 0.5, form, capacity=12)
+    with torch.no_grad():
+        alone = torch.stack([q(row) for row in kd_in])
+        assert torch.allclose(out[:12], q(x), atol=1e-6)
+    assert torch.allclose(student, alone, atol=1e-6)
+    if form == "none":
+        assert torch.equal(kd_in, x) and not mixed.any() and overflow is None
+    else:
+        assert torch.equal(mixed, mask) and torch.equal(kd_in, x_mix)
+        assert (overflow == 0) if form == "bounded" else overflow is None
+
+
+def test_mixes_past_the_bounded_capacity_stay_unmixed_and_are_counted():
+    torch.manual_seed(0)
+    q = torch.nn.Linear(6, 3)
+    x = torch.randn(12, 6)
+    torch.manual_seed(1)
+    _, mask = mixup_samples(x, 0.5)
+    m = int(mask.sum())
+    torch.manual_seed(1)
+    _, student, kd_in, kept, overflow = mixed_scores(q, x, 0.5, "bounded", capacity=m - 2)
+    assert int(overflow) == 2 and int(kept.sum()) == m - 2 and not (kept & ~mask).any()
+    first = mask.nonzero().flatten()[:m - 2]  # the mixed samples first, in batch order
+    assert torch.equal(kept.nonzero().flatten(), first)
+    assert torch.equal(kd_in[~kept], x[~kept])
+    with torch.no_grad():
+        assert torch.allclose(student, q(kd_in), atol=1e-6)
+    with pytest.raises(ValueError, match="mix form 'all'"):
+        mixed_scores(q, x, 0.5, "all")
+

@@ -101,3 +101,14 @@ def random_resized_crop_flip(images: Tensor, scale: tuple[float, float] = (0.5, 
         raise ValueError(f"random_resized_crop_flip needs square images, got {height}x{width}")
     top, left, h, w = crop_params(n, height, width, scale=tuple(scale), device=images.device)
     return random_flip(resized_crop(images, top, left, h, w, height))
+
+
+def draw_calibration(images: Tensor, labels: Tensor, n: int, crop_scale: tuple[float, float] | None
+                     ) -> tuple[Tensor, Tensor]:
+    """``n`` of ``images`` (at most all) drawn without replacement where they live, with their
+    labels; randomly resized-cropped (``crop_scale``) and flipped unless ``crop_scale`` is None."""
+    idx = torch.rand(len(images), device=images.device).argsort()[:min(n, len(images))]
+    x = images[idx]
+    if crop_scale is not None:
+        x = random_resized_crop_flip(x, crop_scale)
+    return x, labels[idx]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from texq.method.augment import random_resized_crop_flip
+from texq.method.augment import draw_calibration
 from texq.method.bns import (
     BNStatsCollector,
     LayerStats,
@@ -34,19 +34,15 @@ from texq.method.finetune_config import (  # noqa: F401 (re-exported: the config
     HISTORY_TERMS,
     MIX_SLOTS,
     FinetuneConfig,
+    short_term,
 )
 from texq.method.generator import Generator, GeneratorConfig
 from texq.method.kd import kd_loss
-from texq.method.mixup import bounded_slots, mix_capacity, mixup_samples
+from texq.method.mixup import mix_capacity, mixed_scores
 from texq.models import get_info
 from texq.quant import act_quantizers, set_observing
 from texq.util.graphs import GraphedStep, module_state
 from texq.util.precision import autocast, compile_step, float32_batchnorm
-
-
-def _short(term: str) -> str:
-    """A history term as the progress line shows it: ``generator/ce_loss`` -> ``G.ce``."""
-    return term.replace("generator/", "G.").replace("quantized/", "Q.").removesuffix("_loss")
 
 
 @dataclass
@@ -186,43 +182,28 @@ class Finetuner:
             terms += [l_lbns, l_dbns]
         return loss, x, y, torch.stack(terms).detach()
 
+    @property
+    def mix_form(self) -> str:
+        """How Q scores the mixes (texq.method.mixup.mixed_scores): ``none`` without MKD,
+        ``bounded`` (``mix_slots: bounded``) or ``fixed`` with fixed shapes, else ``subset``."""
+        if not self.mkd:
+            return "none"
+        return "bounded" if self.bounded else "fixed" if self.fixed_shapes else "subset"
+
     def quant_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. 14 over ``x`` plus calibration images: (loss, terms in ``q_terms`` order).
-
-        ``CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix))``; an unmixed sample is its own mix (Eq. 9),
-        and Q runs in eval mode with frozen ranges, so samples do not interact. With
-        ``fixed_shapes`` (what a CUDA graph needs) Q scores the n samples and all n mixes;
-        otherwise the n samples and only the m mixed ones, the unmixed ones reusing the CE pass
-        (cheaper where nothing is captured; the same draws and the same maths); with
-        ``mix_slots: bounded`` and fixed shapes, the n samples and ``mix_capacity`` slots
-        (``_bounded_mix``). Without MKD the KD term is on x itself."""
+        ``CE(Q(x), y) + a6 KL(F(x_mix) || Q(x_mix))``, Q's scores on the mixes as ``mix_form``
+        has them (the same draws and the same maths in every form); without MKD the KD term is
+        on x itself."""
         extra = self._calib_batch()
         if extra is not None:
             x, y = torch.cat([x, extra[0]]), torch.cat([y, extra[1]])
-        n = len(x)
-        overflow = None
         with autocast(self.device, self.precision):  # Q's and F's forward passes only
-            if self.mkd and self.bounded:
-                x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
-                student, out, kd_in, kept = self._bounded_mix(x, x_mix, mixed)
-                overflow, mixed = mixed.sum() - kept.sum(), kept
-            elif self.mkd and self.fixed_shapes:
-                x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
-                out = self.q(torch.cat([x, x_mix])).float()
-                student, kd_in = out[n:], x_mix
-            elif self.mkd:
-                x_mix, mixed = mixup_samples(x, self.fcfg.mixup_p)
-                out = self.q(torch.cat([x, x_mix[mixed]])).float()
-                student = out[:n].clone()
-                student[mixed] = out[n:]
-                kd_in = x_mix
-            else:
-                out = self.q(x).float()
-                mixed = torch.zeros(n, dtype=torch.bool, device=x.device)
-                student, kd_in = out, x
+            out, student, kd_in, mixed, overflow = mixed_scores(self.q, x, self.fcfg.mixup_p,
+                                                                self.mix_form, self.mix_capacity)
             with torch.no_grad():
                 teacher = self.fp(kd_in).float()
-        l_ce = F.cross_entropy(out[:n], y)
+        l_ce = F.cross_entropy(out[:len(x)], y)
         l_kd = kd_loss(student, teacher, self.fcfg.kd_temperature, self.fcfg.kd_reduction)
         loss = l_ce + self.fcfg.alpha6 * l_kd
         terms = [l_ce, l_kd, mixed.sum().to(l_ce.dtype)]
@@ -230,32 +211,12 @@ class Finetuner:
             terms.append(overflow.to(l_ce.dtype))
         return loss, torch.stack(terms).detach()
 
-    def _bounded_mix(self, x: Tensor, x_mix: Tensor, mixed: Tensor):
-        """``mix_slots: bounded``: Q scores the n samples and ``c = mix_capacity(n, p)`` slots
-        (a fixed shape) holding the mixed samples first, in batch order; the slots left over
-        hold unmixed samples, whose scores are discarded. Mixed samples beyond the c-th (a step
-        with more than c mixes: probability <= 1e-6) stay unmixed, and are counted. Returns
-        Q's scores for KD, Q's output, F's input and the mask of samples mixed in the end."""
-        n = len(x)
-        order, slot_mixed, kept = bounded_slots(mixed, self.mix_capacity)
-        kd_in = torch.where(kept.view(-1, *([1] * (x.dim() - 1))), x_mix, x)
-        out = self.q(torch.cat([x, kd_in[order]])).float()
-        own = out[:n]
-        student = own.index_copy(0, order, torch.where(slot_mixed.unsqueeze(1), out[n:], own[order]))
-        return student, out, kd_in, kept
-
     def _calib_batch(self) -> tuple[Tensor, Tensor] | None:
-        """``calib_per_batch`` calibration images drawn without replacement (on the device),
-        randomly resized-cropped and flipped when ``calib_augment``."""
-        imgs = self.calib_images
-        if imgs is None or self.fcfg.calib_per_batch <= 0:
+        """``calib_per_batch`` calibration images for Q's batch (texq.method.augment.draw_calibration)."""
+        if self.calib_images is None or self.fcfg.calib_per_batch <= 0:
             return None
-        n = min(self.fcfg.calib_per_batch, len(imgs))
-        idx = torch.rand(len(imgs), device=imgs.device).argsort()[:n]
-        x = imgs[idx]
-        if self.fcfg.calib_augment:
-            x = random_resized_crop_flip(x, self.fcfg.calib_crop_scale)
-        return x, self.calib_labels[idx]
+        return draw_calibration(self.calib_images, self.calib_labels, self.fcfg.calib_per_batch,
+                                self.fcfg.calib_crop_scale if self.fcfg.calib_augment else None)
 
     # ------------------------------------------------------------------------------ steps
     def close(self) -> None:
@@ -332,6 +293,6 @@ class Finetuner:
             self.sched_g.step()
         means = dict(zip(names, (sums / cfg.iters_per_epoch).tolist()))
         if bar is not None and means:
-            bar.set_postfix({_short(k): f"{v:.3g}" for k, v in means.items() if k not in COUNT_TERMS})
+            bar.set_postfix({short_term(k): f"{v:.3g}" for k, v in means.items() if k not in COUNT_TERMS})
         return {"epoch": epoch, "phase": "joint" if training_q else "warmup",
                 "quantized/lr": self.opt_q.param_groups[0]["lr"], **means}

@@ -74,3 +74,8 @@ HISTORY_TERMS = ("generator/ce_loss", "generator/bns_loss", "generator/layered_b
                  "generator/distorted_bns_loss", "quantized/ce_loss", "quantized/kd_loss",
                  "quantized/mixed_per_step", "quantized/mix_overflow")
 COUNT_TERMS = HISTORY_TERMS[-2:]  # counts per step, not losses (the progress line leaves them out)
+
+
+def short_term(term: str) -> str:
+    """A history term as the progress line shows it: ``generator/ce_loss`` -> ``G.ce``."""
+    return term.replace("generator/", "G.").replace("quantized/", "Q.").removesuffix("_loss")

@@ -58,3 +58,45 @@ def bounded_slots(mixed: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]
     slot_mixed = mixed[order]
     kept = torch.zeros_like(mixed).index_copy(0, order, slot_mixed)
     return order, slot_mixed, kept
+
+
+MIX_FORMS = ("none", "subset", "fixed", "bounded")  # how Q scores the mixes: mixed_scores
+
+
+def mixed_scores(q, x: Tensor, p: float, form: str, capacity: int = 0):
+    """Q's scores for Eq. 14 over ``x``: ``(out, student, kd_in, mixed, overflow)``.
+
+    ``out[:n]`` is Q on the n samples (the CE term); ``student`` Q on each sample's mix and
+    ``kd_in`` the mixes (F scores them for the KD term); ``mixed`` the samples mixed in the end;
+    ``overflow`` the mixes that found no slot (``bounded`` only, else None). An unmixed sample is
+    its own mix (Eq. 9), and Q runs in eval mode with frozen ranges, so samples do not interact:
+
+    - ``none`` (no MKD): no mixing, KD on x itself;
+    - ``subset``: Q scores the n samples and only the m mixed ones, the unmixed ones reusing the
+      CE pass (cheapest where nothing is captured);
+    - ``fixed``: Q scores the n samples and all n mixes (a fixed shape, as a CUDA graph needs);
+    - ``bounded``: Q scores the n samples and ``c = capacity`` slots holding the mixed samples
+      first, in batch order (:func:`bounded_slots`); the slots left over hold unmixed samples,
+      whose scores are discarded. Mixed samples beyond the c-th stay unmixed, and are counted.
+    The same draws in every form."""
+    n = len(x)
+    if form == "none":
+        out = q(x).float()
+        return out, out, x, torch.zeros(n, dtype=torch.bool, device=x.device), None
+    x_mix, mixed = mixup_samples(x, p)
+    if form == "fixed":
+        out = q(torch.cat([x, x_mix])).float()
+        return out, out[n:], x_mix, mixed, None
+    if form == "subset":
+        out = q(torch.cat([x, x_mix[mixed]])).float()
+        student = out[:n].clone()
+        student[mixed] = out[n:]
+        return out, student, x_mix, mixed, None
+    if form != "bounded":
+        raise ValueError(f"mix form {form!r}: expected one of {', '.join(MIX_FORMS)}")
+    order, slot_mixed, kept = bounded_slots(mixed, capacity)
+    kd_in = torch.where(kept.view(-1, *([1] * (x.dim() - 1))), x_mix, x)
+    out = q(torch.cat([x, kd_in[order]])).float()
+    own = out[:n]
+    student = own.index_copy(0, order, torch.where(slot_mixed.unsqueeze(1), out[n:], own[order]))
+    return out, student, kd_in, kept, mixed.sum() - kept.sum()
