@@ -49,3 +49,29 @@ def test_each_method_s_entry_is_coherent(method):
     assert (spec.step1 is None) == (spec.step1_images == "")
     assert not (spec.uses_calibration_set and spec.step1 is None)  # the set is step 1's output
     assert spec.fine_tunes or spec.step1 is not None  # ranges need images from somewhere
+
+
+def test_a_value_the_method_would_replace_is_refused_in_one_line_and_its_default_is_not(tmp_path, capsys):
+    from texq.cli import main
+    from texq.util.errors import ConfigError
+
+    k = dict(model="resnet8_cifar10", pretrained=True)
+    with pytest.raises(ConfigError, match=r"^generator\.alpha3=0\.5 with method 'gdfq': the method "
+                                          r"always uses generator\.alpha3=0\.1; .*default, 0\.4"):
+        RunConfig.for_profile("tiny", method="gdfq", overrides={"generator.alpha3": 0.5}, **k)
+    with pytest.raises(ConfigError, match=r"generator\.alpha4=0\.3 with method 'gdfq'"):
+        RunConfig.for_profile("tiny", method="gdfq", overrides={"generator": {"alpha4": 0.3}}, **k)
+    # what params.yaml lists (every key at its default) and the method's own values are taken
+    given = {"generator.alpha3": 0.4, "generator.alpha4": 0.02, "generator.alpha5": 1.8, "mkd": True}
+    gdfq = RunConfig.for_profile("tiny", method="gdfq", overrides=given, **k)
+    assert (gdfq.generator.alpha3, gdfq.generator.alpha4, gdfq.mkd) == (0.1, 0.0, False)
+    assert RunConfig.for_profile("tiny", method="gdfq", overrides={"generator.alpha3": 0.1}, **k).generator.alpha3 == 0.1
+    # texq fixes nothing: any value is its own
+    assert RunConfig.for_profile("tiny", overrides={"generator.alpha3": 0.5}, **k).generator.alpha3 == 0.5
+    # the command line: exit 2, one line, nothing written
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "resnet8_cifar10", "--pretrained", "--profile", "tiny", "--method", "gdfq",
+               "--set", "generator.alpha3=0.5", "--data", "cifar10", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "generator.alpha3=0.5 with method 'gdfq'" in err[0]
+    assert not out.exists()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Mapping
 
@@ -23,11 +23,11 @@ from texq.method.finetune_config import FinetuneConfig
 from texq.method.generator import GeneratorConfig
 from texq.models import ModelInfo, check_weights, model_info
 from texq.quant import BITS, QuantConfig, QuantOptions
-from texq.run.methods import METHOD_SPECS, METHODS, check_switches
+from texq.run.methods import METHOD_SPECS, METHODS, check_switches, refuse_replaced
 from texq.util.device import DEVICES
 from texq.util.domains import SEED, check_fields, one_of
 from texq.util.errors import ConfigError
-from texq.util.keys import build, check_value, merge, nest
+from texq.util.keys import build, check_value, leaves, merge, nest
 from texq.util.precision import PRECISIONS
 
 PROFILES = ("paper", "quick", "tiny")
@@ -101,10 +101,23 @@ class RunConfig:
         if info is None:
             info = model_info(check_value("model", given.get("model", cls.model), str))
         given.setdefault("model", info.factory or info.name)
-        return build(cls, merge(profile_settings(profile, info), {"profile": profile}, given))
+        profiled = profile_settings(profile, info)
+        cfg = build(cls, merge(profiled, {"profile": profile}, given))
+        refuse_replaced(cfg.method, leaves(given), lambda key: _default(cls, leaves(profiled), key))
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _default(cls, profiled: dict, key: str):
+    """The value of dotted ``key`` that a config of ``cls`` takes unless given: the profile's, else
+    the field's default."""
+    if key in profiled:
+        return profiled[key]
+    section, _, name = key.rpartition(".")
+    f = {f.name: f for f in fields(cls)}[section or name]
+    return getattr(f.default_factory(), name) if section else f.default
 
 
 def _same_data(a: str, b: str) -> bool:

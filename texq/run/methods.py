@@ -86,6 +86,18 @@ def check_switches(cfg) -> None:
                           f"{s.why}, so the switch would change nothing; leave it true")
 
 
+def refuse_replaced(method: str, given: dict[str, object], default: Callable[[str], object]) -> None:
+    """Refuse a value given (a flat dict of dotted keys) for a setting that ``method`` always fixes,
+    unless it is the method's own value or the setting's default (a params.yaml lists every key,
+    at its default unless changed): one ConfigError line instead of a value silently replaced."""
+    s = METHOD_SPECS[method]
+    for key, value in s.fixed.items():
+        if key in given and given[key] != value and given[key] != default(key):
+            raise ConfigError(f"{key}={given[key]!r} with method {method!r}: the method always uses "
+                              f"{key}={value!r}; leave {key} out (or at its default, "
+                              f"{default(key)!r}) or use method 'texq'")
+
+
 def effective_settings(cfg) -> dict[str, object]:
     """The flat settings a run of ``cfg`` uses (its method's fixed values are applied when the
     config is made): the switches it has no module for as None (not applicable), the sections it
