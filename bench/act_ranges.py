@@ -32,6 +32,7 @@ from texq.eval import evaluate
 from texq.method.finetune import ACT_CALIB_AT, ACT_CALIB_INPUTS
 from texq.models import load_quantized
 from texq.run.config import RunConfig
+from texq.run.layout import Layout
 from texq.run.runner import run
 from texq.util.io import write_json
 
@@ -66,15 +67,15 @@ def main() -> None:
             cfg = replace(base, finetune=replace(base.finetune, act_calib_at=at, act_calib_inputs=inputs))
             folder = Path(args.out) / f"w{args.bits}a{args.bits}" / f"{at}-{inputs}-seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-            if step1 is not None and not (folder / "step1.pt").exists():
-                shutil.copyfile(step1, folder / "step1.pt")
+            if step1 is not None and not Layout(folder).step1.exists():
+                shutil.copyfile(step1, Layout(folder).step1)
             print(f"== act ranges at {at} on {inputs}, W{args.bits}A{args.bits} seed {seed} -> {folder}",
                   flush=True)
             m = run(cfg, folder, progress=False)
-            step1 = step1 or folder / "step1.pt"
+            step1 = step1 or Layout(folder).step1
             dev_file = folder / "dev_metrics.json"
             if not dev_file.exists():
-                qmodel = load_quantized(folder / "train" / "qmodel.pt")
+                qmodel = load_quantized(Layout(folder).qmodel)
                 dev_data = dev_data or load_eval_data(dev, qmodel.texq_info)
                 write_json(dev_file, evaluate(qmodel, dev_data, progress=False).to_dict())
             dev_top1 = json.loads(dev_file.read_text())["top1"]

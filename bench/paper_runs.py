@@ -31,6 +31,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from texq.run.layout import Layout, train_file
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "paper"
 #: Table 1's order of work (issue: TexQ W4A4, W3A3 seed 0, then seeds 1, 2, then GDFQ, then real)
@@ -60,12 +62,12 @@ def command(name: str, folder: Path, assets: Path, profile: str, device: str,
 
 def progress(folder: Path) -> str:
     """'finished: top-1 ...' or how many of steps 2-3's epochs the folder holds."""
-    metrics = folder / "metrics.json"
+    metrics = Layout(folder).metrics
     if metrics.exists():
         r = json.loads(metrics.read_text())
         return f"finished: top-1 {r['top1']:.1f} ({r['correct']}/{r['n']}), FP {r['fp_top1']:.1f}, " \
                f"train {r.get('train_seconds', 0) / 60:.1f} min"
-    history = next(iter(sorted(folder.rglob("history.jsonl"))), None)
+    history = next(iter(sorted(folder.rglob(train_file(Path(), "history").name))), None)  # train/ or .work/
     epochs = len(history.read_text().splitlines()) if history else 0
     return f"unfinished: {epochs} epochs of steps 2-3 checkpointed"
 
@@ -96,7 +98,7 @@ def cmd_run(args) -> int:
     extra = [s for s in os.environ.get("TEXQ_PAPER_SET", "").split() if s] + args.set
     touched, lines = [], []
     for name in args.names or DEFAULT_RUNS:
-        if (RESULTS / name / "metrics.json").exists():
+        if Layout(RESULTS / name).metrics.exists():
             continue  # committed already
         left = deadline - time.monotonic()
         if left < args.min_seconds or len(touched) >= args.max_files - 1:
@@ -147,12 +149,13 @@ def cmd_unpack(args) -> int:
         (tmp / name).replace(runs_dir / name)
         shutil.rmtree(tmp)
         folder = runs_dir / name
-        if (folder / "metrics.json").exists():
+        run = Layout(folder)
+        if run.metrics.exists():
             dest = Path(args.results) / name
             dest.mkdir(parents=True, exist_ok=True)
-            for f in ("metrics.json", "train/history.jsonl", "config.json"):
-                if (folder / f).exists():
-                    shutil.copy(folder / f, dest / Path(f).name)
+            for f in (run.metrics, run.history, run.config):
+                if f.exists():
+                    shutil.copy(f, dest / f.name)
         print(f"{name}: {progress(folder)}")
     return 0
 

@@ -25,6 +25,7 @@ from texq.data import load_eval_data
 from texq.eval import evaluate
 from texq.models import load_quantized
 from texq.run.config import RunConfig
+from texq.run.layout import Layout
 from texq.run.runner import run
 from texq.util.io import write_json
 
@@ -78,7 +79,7 @@ def main() -> None:
             m["seconds"] = round(time.perf_counter() - start, 1)  # this call's wall time (0 if done)
             dev_file = folder / "dev_metrics.json"
             if not dev_file.exists():
-                qmodel = load_quantized(folder / "train" / "qmodel.pt")
+                qmodel = load_quantized(Layout(folder).qmodel)
                 dev_data = dev_data or load_eval_data(dev, qmodel.texq_info)
                 write_json(dev_file, evaluate(qmodel, dev_data, progress=False).to_dict())
             m["dev_top1"] = json.loads(dev_file.read_text())["top1"]

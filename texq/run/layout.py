@@ -28,13 +28,22 @@ from texq.method.calibration import CalibrationSet
 from texq.util.errors import CheckpointError
 from texq.util.io import file_digest, load_torch, read_json, write_json
 
+TRAIN_FILES = {  # the train step's files: in train/, and as they are made under .work/
+    "qmodel": "qmodel.pt", "generator": "generator.pt", "history": "history.jsonl",
+    "summary": "summary.json", "checkpoint": "checkpoint.pt",
+}
 FILES = {  # a Layout's attribute -> its path under the run folder (the table above)
     "config": "config.json", "teacher": "teacher.json", "step1": "step1.pt", "train": "train",
-    "qmodel": "train/qmodel.pt", "generator": "train/generator.pt",
-    "history": "train/history.jsonl", "summary": "train/summary.json",
+    **{name: f"train/{file}" for name, file in TRAIN_FILES.items() if name != "checkpoint"},
     "history_plot": "history.json", "metrics": "metrics.json", "per_class": "per_class.json",
     "figures": "figures", "digests": "digests.json",
 }
+
+
+def train_file(folder: Path, name: str) -> Path:
+    """The train step's file ``name`` (a TRAIN_FILES key) in ``folder``: train/ or a folder of
+    unfinished work (``Layout.work``)."""
+    return Path(folder) / TRAIN_FILES[name]
 
 
 @dataclass(frozen=True)

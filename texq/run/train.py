@@ -22,7 +22,7 @@ from texq.method.generator import Generator
 from texq.models import save_quantized
 from texq.quant import calibrate, quantize
 from texq.run.config import RunConfig, fingerprint
-from texq.run.layout import Layout
+from texq.run.layout import Layout, train_file
 from texq.run.methods import spec
 from texq.util.device import memory_format, use_device
 from texq.util.io import load_torch, save_torch, write_json
@@ -40,13 +40,13 @@ def step(cfg: RunConfig, model: nn.Module, layout: Layout, progress: bool = True
     tmp = layout.work("train-out")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name in ("history.jsonl", "generator.pt"):
-        if (work / name).exists():
-            shutil.copy2(work / name, tmp / name)
-    save_quantized(tmp / "qmodel.pt", qmodel, {"method": cfg.method, "seed": cfg.seed})
+    for name in ("history", "generator"):
+        if train_file(work, name).exists():
+            shutil.copy2(train_file(work, name), train_file(tmp, name))
+    save_quantized(train_file(tmp, "qmodel"), qmodel, {"method": cfg.method, "seed": cfg.seed})
     summary = {"fingerprint": fingerprint(cfg), "config": cfg.to_dict(),
                "seconds": round(prior + time.perf_counter() - start, 1)}
-    write_json(tmp / "summary.json", summary)
+    write_json(train_file(tmp, "summary"), summary)
     shutil.rmtree(layout.train, ignore_errors=True)
     tmp.rename(layout.train)  # the whole folder appears at once
     # the final checkpoint stays until evaluate has read train/ (Layout.clear_work): a rerun of
@@ -84,11 +84,11 @@ def _quantized_model(cfg: RunConfig, fp_model: nn.Module, layout: Layout, work: 
     tuner = Finetuner(fp_model, qmodel, sources, cfg.generator, cfg.finetune, cfg.mkd, device,
                       cfg.bns_norm, cfg.cuda_graphs, precision=cfg.precision, compile=cfg.compile)
     try:
-        prior = _train(tuner, work / "checkpoint.pt", work / "history.jsonl", progress)
+        prior = _train(tuner, train_file(work, "checkpoint"), train_file(work, "history"), progress)
     finally:
         tuner.close()
     if sources.generator is not None:
-        save_torch(work / "generator.pt", sources.generator.state_dict())
+        save_torch(train_file(work, "generator"), sources.generator.state_dict())
     return qmodel, prior
 
 

@@ -6,7 +6,6 @@ killed process never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
