@@ -143,12 +143,13 @@ def forget_unrecorded(out: Path, stages: list[str], key: str) -> None:
 
 def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool = False) -> None:
     """What a finished stage adds to the run: metrics (batched, timed by their file), artifacts
-    and, after ``evaluate``, the run's pictures (``texq.run.figures.run_pictures``, also in
-    ``out/figures``) and its model."""
+    and, after ``evaluate``, the run's pictures (``texq.run.records.pictures``: those the
+    evaluate step drew in ``out/figures``) and its model."""
     from mlflow.entities import Metric
 
-    from texq.run.figures import loss_curves, read_history, run_pictures
+    from texq.run.figures import loss_curves, read_history
     from texq.run.layout import Layout
+    from texq.run.records import pictures
 
     layout = Layout(out)
     src = source_file(out, stage)
@@ -198,7 +199,7 @@ def log_outputs(c, run_id: str, stage: str, out: Path, cfg=None, register: bool 
         c.set_tag(run_id, TRAINED_TAG, summary["fingerprint"])
         c.set_tag(run_id, METRICS_TAG, digest)
         if cfg is not None:
-            for path in run_pictures(layout, cfg):
+            for path in pictures(layout, cfg):
                 c.log_artifact(run_id, str(path), "figures")
             if c.get_run(run_id).data.tags.get(MODEL_FOR_TAG) != digest:  # once per result
                 log_quantized_model(c, run_id, layout.qmodel, cfg, register, r, digest)

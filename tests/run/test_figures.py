@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,24 @@ def test_run_pictures_name_the_classes(tiny_setup, tmp_path, monkeypatch):
                                       "texture_histograms.png", "per_class_top1.png"}
     for p in made:
         _png_ok(p, (300, 100))
+
+
+def test_a_recorder_takes_the_pictures_drawn_after_the_scores_and_redraws_older_ones(tiny_run, tmp_path, monkeypatch):
+    """texq.run.records.pictures: the evaluate step's pictures are logged as drawn; pictures older
+    than metrics.json (outputs restored by DVC, a run evaluated before) are drawn again."""
+    import shutil
+
+    import texq.run.records as records
+    from texq.run.layout import Layout
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # copytree keeps the files' times
+    layout, cfg = Layout(run), object()  # the stand-in draw below reads no config
+    drawn = []
+    monkeypatch.setattr(records, "draw_pictures", lambda lay, c: drawn.append(lay) or ["redrawn"])
+    before = sorted(layout.figures.glob("*.png"))
+    assert before and records.pictures(layout, cfg) == before and not drawn
+    metrics = layout.metrics.stat()
+    os.utime(layout.metrics, ns=(metrics.st_atime_ns, max(p.stat().st_mtime_ns for p in before) + 10**9))
+    assert records.pictures(layout, cfg) == ["redrawn"] and drawn == [layout]
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -38,6 +39,9 @@ def test_texq_run_writes_every_artifact(tiny_setup, tiny_run):
                  "per_class.json"):
         assert (tmp_path / name).is_file(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    if importlib.util.find_spec("matplotlib") is not None:  # the pictures, drawn without a tracker
+        assert {p.name for p in (tmp_path / "figures").iterdir()} >= {
+            "calibration_images.png", "generator_samples.png", "per_class_top1.png"}
     for key in ("top1", "n", "method", "w_bits", "a_bits", "seed", "train_seconds", "fp_top1",
                 "texture", "texture_generated", "class_names", "per_class_top1"):
         assert key in metrics

@@ -22,6 +22,7 @@ from pathlib import Path
 from texq.pipeline.params import PipelineConfig
 from texq.run.layout import Layout
 from texq.run.model import float_model
+from texq.run.records import finish_step
 from texq.util.lock import folder_lock
 
 log = logging.getLogger("texq")
@@ -48,4 +49,6 @@ def run_stage(name: str, config: PipelineConfig, out: str | Path = "out/pipeline
     with folder_lock(layout.root, f"stage {name}"):  # one stage process at a time writes into out
         log.info("stage %s: texq.run.%s.step -> %s", name, name, layout.root)
         extra = {"batch_size": config.evaluate.batch_size} if name in SCORING else {}
-        return step(config.run, float_model(config.run), layout, progress, **extra)
+        result = step(config.run, float_model(config.run), layout, progress, **extra)
+        finish_step(layout, name, config.run, digests=False)  # after evaluate, the pictures
+        return result

@@ -12,7 +12,7 @@
     history.json     the history as one array (dvc.yaml's loss plot)
     metrics.json     evaluate:   final scores, settings in effect, texture statistics
     per_class.json   evaluate:   per-class top-1 (dvc.yaml's per-class plot)
-    figures/         the pictures of a finished run (texq.run.figures)
+    figures/         the pictures of a finished run (texq.run.records.draw_pictures, after evaluate)
     digests.json     texq run only: the SHA-256 of each file above as its step wrote it; a rerun,
                      a resume and ``texq export`` refuse a file that no longer matches
     .lock            while a run or a stage writes into the folder (texq.util.lock)

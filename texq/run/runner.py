@@ -23,8 +23,8 @@ from texq.models.user import model_record
 from texq.run import evaluate, synthesize, teacher, train
 from texq.run.config import SPEED_ONLY, RunConfig, fingerprint
 from texq.run.layout import Layout
-from texq.run.methods import effective_settings
 from texq.run.model import float_model
+from texq.run.records import finish_step, run_record
 from texq.util.device import resolve_device
 from texq.util.errors import ConfigError
 from texq.util.io import read_json, write_json
@@ -62,8 +62,7 @@ def _prepare_out(layout: Layout, cfg: RunConfig, model: dict) -> None:
                                   f"{_difference(before[key], now[key])}): use another --out or "
                                   f"delete it")
     else:
-        write_json(layout.config, {"fingerprint": fp, "config": cfg.to_dict(), "model": model,
-                                   "effective": effective_settings(cfg)})
+        write_json(layout.config, run_record(cfg, model))
 
 
 def run(cfg: RunConfig, out: str | Path, progress: bool = True, model: nn.Module | None = None) -> dict:
@@ -89,13 +88,13 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True, model: nn.Module
             return read_json(layout.metrics)
         if teacher.teacher_top1(layout, cfg, len(data)) is None:
             teacher.step(cfg, fp_model, layout, progress, data=data)
-            layout.record("teacher")
+            finish_step(layout, "teacher", cfg)
         if not layout.step1.exists():
             synthesize.step(cfg, fp_model, layout, progress)
-            layout.record("step1")
+            finish_step(layout, "synthesize", cfg)
         if not layout.train.exists():
             train.step(cfg, fp_model, layout, progress)
-            layout.record("train", "history_plot")
+            finish_step(layout, "train", cfg)
         result = evaluate.step(cfg, fp_model, layout, progress, data=data)
-        layout.record("metrics", "per_class")
+        finish_step(layout, "evaluate", cfg)
         return result
