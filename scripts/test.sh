@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Run the test suite (sets up the environment first if needed). Extra arguments go to pytest.
-# Tests run in parallel (pytest-xdist): TEXQ_TEST_WORKERS processes (default: one per CPU core),
-# each taking one test module at a time (a module's tests share its servers and runs), the slowest
-# modules first (tests/conftest.py). TEXQ_TEST_WORKERS=0 runs them in this one process; a later
-# -n in the arguments wins.
+# TEXQ_TEST_WORKERS=N runs the test modules in N processes (pytest-xdist, a module at a time per
+# process: a module's tests share its servers and runs; the slowest modules first, tests/conftest.py).
+# The default is one process: on a 2-core machine two workers ran the suite slower than one (their
+# servers, workers and stage processes compete for the same two cores), see docs/testing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 VENV="${TEXQ_VENV:-.venv}"
-exec "$VENV/bin/python" -m pytest -n "${TEXQ_TEST_WORKERS:-auto}" --dist loadscope --no-loadscope-reorder "$@"
+workers=()
+if [ "${TEXQ_TEST_WORKERS:-0}" != 0 ]; then
+    workers=(-n "$TEXQ_TEST_WORKERS" --dist loadscope --no-loadscope-reorder)
+fi
+exec "$VENV/bin/python" -m pytest "${workers[@]}" "$@"

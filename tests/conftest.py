@@ -9,8 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The modules that take longest, longest first (a serial run's timings on a 2-core AMD EPYC, in
-# minutes: lab 10, flows 9, faults 5, bookkeeping 4, pipeline 4, export 2.5): scripts/test.sh's
-# workers (pytest-xdist, a module at a time) start them first and the short modules fill the gaps.
+# minutes: lab 10, flows 9, faults 5, bookkeeping 4, pipeline 4, export 2.5): with several
+# workers (TEXQ_TEST_WORKERS, pytest-xdist, a module at a time) they start first and the short
+# modules fill the gaps. One process keeps the files' order.
 SLOW_FIRST = ("tests/flows/test_lab.py", "tests/flows/test_flows.py", "tests/flows/test_faults.py",
               "tests/flows/test_bookkeeping.py", "tests/pipeline/test_pipeline.py",
               "tests/export/test_export.py", "tests/flows/test_security.py",
@@ -27,6 +28,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "numprocesses", None):
+        return
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: in-module order kept
 
