@@ -187,3 +187,19 @@ def test_shared_images_load(test1000, assets):
     assert np.bincount(y).min() >= 80  # about 100 per class
     xd, yd = load_npz(assets / "cifar10" / "test_jpeg_dev.npz", 10, 32)
     assert len(xd) == 4500
+
+
+def test_the_sample_photos_are_scikit_learn_s_read_without_importing_it():
+    import subprocess
+    import sys
+
+    sklearn = pytest.importorskip("sklearn.datasets")
+    from texq.data.photos import sample_photos
+
+    ours, theirs = sample_photos(), sklearn.load_sample_images().images
+    assert len(ours) == len(theirs) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from texq.data.photos import sample_photos; "
+                             "sample_photos(); print('sklearn' in sys.modules)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"

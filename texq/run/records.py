@@ -47,7 +47,12 @@ def draw_pictures(layout: Layout, cfg: RunConfig) -> list[Path]:
         return []
     from texq.run.figures import run_pictures
 
-    return run_pictures(layout, cfg)
+    try:
+        return run_pictures(layout, cfg)
+    except (OSError, RuntimeError, ValueError) as exc:  # the scores are written: pictures are extra
+        log.warning("%s: the pictures were not drawn (%s: %s); the run's results are unaffected",
+                    layout.root, type(exc).__name__, exc)
+        return []
 
 
 def pictures(layout: Layout, cfg: RunConfig) -> list[Path]:
