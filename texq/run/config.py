@@ -103,7 +103,8 @@ class RunConfig:
         given.setdefault("model", info.factory or info.name)
         profiled = profile_settings(profile, info)
         cfg = build(cls, merge(profiled, {"profile": profile}, given))
-        refuse_replaced(cfg.method, leaves(given), lambda key: _default(cls, leaves(profiled), key))
+        profiled_keys = leaves(profiled)
+        refuse_replaced(cfg.method, leaves(given), lambda key: _default(cls, profiled_keys, key))
         return cfg
 
     def to_dict(self) -> dict:
