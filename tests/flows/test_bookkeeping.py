@@ -7,17 +7,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from streams import Lines
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
@@ -28,44 +26,6 @@ def _runs(c):
     from flows.store import experiment_id
 
     return c.search_runs([experiment_id(c)], order_by=["attributes.start_time ASC"])
-
-
-class Lines:
-    """A process's stderr read by a thread: wait for a line with a deadline, even if it never comes."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.q: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-
-        def read():
-            for line in proc.stderr:
-                self.q.put(line)
-            self.q.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-
-    def wait_for(self, prefix: str, seconds: float) -> str:
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no line {prefix!r} within {seconds} s: {self.seen[-20:]}")
-            try:
-                line = self.q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"the process ended before a line {prefix!r}: {self.seen[-20:]}")
-            self.seen.append(line)
-            if prefix in line:  # a progress bar's \r-joined line holds it too
-                return line
-
-    def all(self, seconds: float = 60) -> str:
-        """Everything the process wrote, once it closed its stderr."""
-        deadline = time.monotonic() + seconds
-        while (line := self.q.get(timeout=max(0.01, deadline - time.monotonic()))) is not None:
-            self.seen.append(line)
-        return "".join(self.seen)
 
 
 def _stage(name, params, out, env, **kw):
@@ -93,7 +53,7 @@ def test_a_second_process_on_a_busy_stage_touches_no_run_and_the_owner_s_run_tel
     owner = subprocess.Popen(_stage("train", p, out, env), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        Lines(owner).wait_for("epoch ", 180)
+        Lines(owner.stderr).wait_for(lambda ln: "epoch " in ln, 180, "an epoch line")
         os.kill(owner.pid, signal.SIGSTOP)  # held in its epochs, however fast this machine is
         second = subprocess.run(_stage("train", p, out, env, extra=["--no-progress"]), env=env,
                                 capture_output=True, text=True, timeout=120)
@@ -142,10 +102,10 @@ def test_a_sigterm_while_a_finished_stage_records_keeps_the_stage_done_and_sync_
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, timeout=60)
     try:
-        lines = Lines(proc)
-        lines.wait_for("epoch ", 180)  # its run is opened and marked
+        lines = Lines(proc.stderr)
+        lines.wait_for(lambda ln: "epoch " in ln, 180, "an epoch line")  # its run is opened and marked
         lock.execute("BEGIN EXCLUSIVE")  # a store that takes minutes (a long write elsewhere)
-        lines.wait_for("texq: recording stage train", 300)  # the work is done, the record waits
+        lines.wait_for(lambda ln: "texq: recording stage train" in ln, 300, "the recording line")  # work done, the record waits
         os.killpg(proc.pid, signal.SIGTERM)
         rc = proc.wait(60)
     finally:
@@ -154,7 +114,7 @@ def test_a_sigterm_while_a_finished_stage_records_keeps_the_stage_done_and_sync_
             proc.wait()
         lock.execute("ROLLBACK") if lock.in_transaction else None
         lock.close()
-    err = lines.all()
+    err = lines.text()
     assert rc == 0, err[-3000:]
     assert "stage train finished and its outputs are kept" in err and "SIGTERM" in err
     assert (out / "train" / "summary.json").is_file()
