@@ -77,10 +77,15 @@ def mosaic(pics, cols: int, band: int, pad: int = 2):
     rows = -(-n // cols)
     out = np.ones((rows * (band + h + pad), cols * (w + pad), 3), dtype=np.float32)
     for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = r * (band + h + pad) + band, c * (w + pad)
+        y, x = cell(i, cols, h, w, band, pad)
         out[y:y + h, x:x + w] = pics[i]
     return out
+
+
+def cell(i: int, cols: int, h: int, w: int, band: int, pad: int) -> tuple[int, int]:
+    """Where image ``i`` of a ``mosaic`` starts: its top row (below its title band) and left column."""
+    r, c = divmod(i, cols)
+    return r * (band + h + pad) + band, c * (w + pad)
 
 
 def image_grid(images, titles: list[str], mean, std, title: str, cols: int = 10):
@@ -98,9 +103,8 @@ def image_grid(images, titles: list[str], mean, std, title: str, cols: int = 10)
     ax.imshow(mosaic(pics, cols, band, pad), interpolation="nearest")
     ax.axis("off")
     for i, text in enumerate(titles[:n]):
-        r, c = divmod(i, cols)
-        ax.text(c * (w + pad) + w / 2, r * (band + h + pad) + band - 1, text, ha="center", va="bottom",
-                fontsize=8, clip_on=True)
+        y, x = cell(i, cols, h, w, band, pad)
+        ax.text(x + w / 2, y - 1, text, ha="center", va="bottom", fontsize=8, clip_on=True)
     fig.suptitle(title, fontsize=10)
     return fig
 
