@@ -58,6 +58,36 @@ HEADER = ("| fault | moment | finished work kept | epochs recomputed | MLflow fi
           "| metrics as without faults | wall s | what the user did |\n|---|---|---|---|---|---|---|---|---|")
 
 
+def write_params(params_file: Path, epochs: int, dest: Path) -> Path:
+    """``params_file`` with ``epochs`` epochs of step 3, written to ``dest``."""
+    params = yaml.safe_load(Path(params_file).read_text())
+    params["finetune"]["epochs"] = epochs
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(yaml.safe_dump(params))
+    return dest
+
+
+def stages_in_process(params_file: Path, epochs: int, root: Path) -> dict:
+    """The metrics (train_seconds aside) of the pipeline without faults, its four stages run one after
+    another in this process on one thread, as each stage process runs them (OMP_NUM_THREADS=1): no
+    dvc, no MLflow, no process start-up. That ``dvc repro`` runs these same stages is
+    tests/pipeline/test_pipeline.py's to check."""
+    import torch
+
+    from texq.pipeline import read_config, run_stage
+
+    config = read_config(write_params(params_file, epochs, root / "params.yaml"), "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in ("teacher", "synthesize", "train", "evaluate"):
+            run_stage(name, config, root / "out", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = json.loads((root / "out" / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if k != "train_seconds"}
+
+
 class Project:
     """A git + DVC repository holding texq's pipeline at the tiny profile with ``epochs`` epochs."""
 
@@ -66,9 +96,7 @@ class Project:
         for name in ("texq", "flows"):
             shutil.copytree(ROOT / name, self.repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(ROOT / "dvc.yaml", self.repo / "dvc.yaml")
-        params = yaml.safe_load(Path(params_file).read_text())
-        params["finetune"]["epochs"] = epochs
-        (self.repo / "params.yaml").write_text(yaml.safe_dump(params))
+        write_params(params_file, epochs, self.repo / "params.yaml")
         self.uri = store_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
                         OMP_NUM_THREADS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
