@@ -22,7 +22,7 @@ def cmd_compare(args: argparse.Namespace) -> dict:
         from flows.compare import compare
     except ImportError as exc:
         raise TexqError(f"texq compare needs the pipeline extra (pip install -e '.[pipeline]'): {exc}")
-    from flows.store import unreadable_store
+    from flows.bookkeeping.store import unreadable_store
 
     try:
         table, md = compare(args.experiment, args.out, tuple(args.by or ()))
@@ -52,14 +52,14 @@ def cmd_track(args: argparse.Namespace) -> dict:
     from texq.util.errors import TexqError
 
     try:
-        from flows import sync
+        from flows.bookkeeping import sync
     except ImportError as exc:
         raise TexqError(f"texq track needs the pipeline extra (pip install -e '.[pipeline]'): {exc}")
     import logging
 
+    from flows.bookkeeping.record_stage import tracking_error
+    from flows.bookkeeping.store import tracking_uri
     from flows.credentials import refusal
-    from flows.record import tracking_error
-    from flows.store import tracking_uri
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs each request at INFO
     try:
@@ -72,7 +72,7 @@ def cmd_track(args: argparse.Namespace) -> dict:
         if line := refusal(exc):  # a lab's MLflow or Prefect server: 401/403, an unverified certificate
             raise TexqError(line) from exc
         if tracking_error(exc) and not isinstance(exc, OSError):
-            from flows.record import failure_line
+            from flows.bookkeeping.record_stage import failure_line
 
             raise TexqError(f"the MLflow store at {tracking_uri()} did not answer ({failure_line(exc)}): "
                             "nothing changed; run it again once the store is back") from exc

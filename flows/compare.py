@@ -19,8 +19,8 @@ GROUP = ["method", "w_bits", "a_bits", "laws", "layered_bns", "mkd", "profile"]
 def load_runs(experiment: str = "texq", extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """Finished pipeline runs of ``experiment`` (one row each: params, top1, seed; ``extra``
     params too, e.g. ``alpha6``)."""
-    from flows.store import client, sqlite_file, tracking_uri
-    from flows.tracking import TRAINED_TAG
+    from flows.bookkeeping.pipeline_run import TRAINED_TAG
+    from flows.bookkeeping.store import client, sqlite_file, tracking_uri
 
     db = sqlite_file(tracking_uri())
     if db is not None and not db.is_file():

@@ -14,8 +14,9 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from flows import ROOT, store
-from flows.record import quietly
+from flows import ROOT
+from flows.bookkeeping import store
+from flows.bookkeeping.record_stage import quietly
 from texq.pipeline import load_params
 from texq.util.errors import TexqError
 from texq.util.keys import leaves
@@ -236,7 +237,7 @@ def record_grid(c, parent_id: str, combos: list[dict], rows: list[dict], log) ->
     def end() -> None:
         from mlflow.entities import Metric
 
-        from flows.run_end import end_run
+        from flows.bookkeeping.run_end import end_run
 
         _log_table(c, parent_id, table)
         now = int(time.time() * 1000)

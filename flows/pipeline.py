@@ -17,7 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import StringConstraints
 
-from flows import provenance, record, run_end, store, tracking, workspace
+from flows import workspace
+from flows.bookkeeping import pipeline_run, provenance, record_stage, run_end, store
+from flows.bookkeeping.store import client, experiment_id
 from flows.grid import (
     Grid,
     Overrides,
@@ -31,7 +33,6 @@ from flows.grid import (
     run_wide,
     wait_final,
 )
-from flows.store import client, experiment_id
 from texq.pipeline import STAGES, load_params
 from texq.util.device import DEVICES
 from texq.util.errors import TexqError
@@ -156,10 +157,10 @@ def texq_pipeline(overrides: dict[str, Any] | None = None, base_params: str = "p
 
 
 def _reconcile(log) -> None:
-    """End the MLflow runs whose work stopped (flows.sync.reconcile: their Prefect flow run
+    """End the MLflow runs whose work stopped (flows.bookkeeping.sync.reconcile: their Prefect flow run
     crashed or their stage process on this host is gone) before this run starts; the store's
     failure stops nothing (the stages record themselves, or texq track sync does later)."""
-    from flows.sync import reconcile
+    from flows.bookkeeping.sync import reconcile
 
     try:
         for e in reconcile()["ended"]:
@@ -181,7 +182,7 @@ def result_row(folder: Path, fid: str, result: dict, ran: list[str], log) -> dic
     restored or up to date) and the MLflow run that holds it (this flow run's, else the earlier one
     that logged the same metrics.json). The stages succeeded: a store that does not answer now
     leaves the MLflow columns empty and fails nothing."""
-    run_id, url = record.quietly(log, "the result's MLflow run", (None, ""), lambda: _result_run(folder, fid))
+    run_id, url = record_stage.quietly(log, "the result's MLflow run", (None, ""), lambda: _result_run(folder, fid))
     low, high = result["top1_ci95"]
     return {"top1": result["top1"], "top1_ci95": f"{low:.2f}-{high:.2f}",
             "stages_run": ",".join(ran) or "none", "mlflow_run_id": run_id or "",
@@ -191,7 +192,7 @@ def result_row(folder: Path, fid: str, result: dict, ran: list[str], log) -> dic
 def _result_run(folder: Path, fid: str) -> tuple[str | None, str]:
     from texq.run.layout import Layout
 
-    run_id = tracking.result_run_id(fid, Layout(folder / workspace.OUT).metrics)
+    run_id = pipeline_run.result_run_id(fid, Layout(folder / workspace.OUT).metrics)
     return run_id, (store.run_url(run_id) if run_id else "") or ""
 
 

@@ -1,13 +1,13 @@
 """``python -m flows.stage NAME``: one pipeline stage (what dvc.yaml runs), tracked in MLflow.
 
 Same arguments as ``texq stage``; the stage runs inside its pipeline run's MLflow run (see
-``flows.tracking``). Run by a Prefect flow (``flows.workspace``), it also reads the flow run's
+``flows.bookkeeping.pipeline_run``). Run by a Prefect flow (``flows.workspace``), it also reads the flow run's
 context from its environment: ``TEXQ_PARENT_RUN_ID`` (the grid's MLflow run), ``TEXQ_FLOW_RUN_ID``,
 ``TEXQ_DEVICE`` (the default of ``--device``) and ``TEXQ_FLOW_PID``, the flow run's process: when
 that process is gone (its worker or machine lost, Prefect: Crashed), the stage stops too and its
 MLflow run ends FAILED, so that no orphan trains on unwatched or leaves a run RUNNING. The last stdout line is the stage's JSON result; errors are one line on
 stderr and a non-zero exit, and mark the MLflow run FAILED; SIGTERM (Prefect cancelling the flow run)
-marks it KILLED. The store is a bookkeeper, never a precondition (``flows.tracking.tracked_stage``):
+marks it KILLED. The store is a bookkeeper, never a precondition (``flows.bookkeeping.pipeline_run.tracked_stage``):
 a store that does not answer leaves the stage running unrecorded, and a stage whose work is done
 succeeds whatever the store does; what it could not record is recorded by ``texq track sync``.
 """
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from flows.run_end import Orphaned, Terminated
-    from flows.tracking import run_tracked_stage, say
+    from flows.bookkeeping.pipeline_run import run_tracked_stage, say
+    from flows.bookkeeping.run_end import Orphaned, Terminated
 
     flow_pid = int(os.environ.get(FLOW_PID_ENV) or 0)
     orphaned, stopping = threading.Event(), threading.Event()

@@ -154,8 +154,8 @@ def stage_env(device: str = "auto", parent_run_id: str = "", flow_run_id: str = 
     """The environment of a stage's process: this one's, plus where and under which MLflow run
     it records, its name and this process's id (``flows.stage`` reads these), this interpreter's environment first
     on ``PATH`` (dvc.yaml's ``python``) and the project on ``PYTHONPATH``."""
-    from flows.store import tracking_uri
-    from flows.tracking import RUN_NAME_ENV
+    from flows.bookkeeping.pipeline_run import RUN_NAME_ENV
+    from flows.bookkeeping.store import tracking_uri
 
     def joined(first: str, var: str) -> str:
         return os.pathsep.join(p for p in (first, os.environ.get(var, "")) if p)

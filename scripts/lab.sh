@@ -220,7 +220,7 @@ write_env() {  # lab.env, 0600: the URLs and the credentials workers and users e
         echo "export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=texq MLFLOW_DISABLE_TELEMETRY=true"
         # flow runs send a heartbeat every 180 s (Prefect's default); the zombie automation marks one
         # silent for 540 s Crashed (flows/zombies.py). Clients wait out a server restart: Prefect's up
-        # to 7 retries (2^n s backoff), MLflow's texq defaults (flows/store.py)
+        # to 7 retries (2^n s backoff), MLflow's texq defaults (flows/bookkeeping/store.py)
         echo "export PREFECT_CLIENT_MAX_RETRIES=7"
     } > "$tmp"
     mv "$tmp" "$DIR/lab.env"

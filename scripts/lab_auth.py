@@ -83,7 +83,7 @@ def ensure(secrets_dir: Path, tracking_db: str, server_url: str) -> None:
     os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
     os.environ.update(MLFLOW_TRACKING_URI=server_url, MLFLOW_TRACKING_USERNAME=WORKERS,
                       MLFLOW_TRACKING_PASSWORD=read(f"mlflow-{WORKERS}-password"))
-    from flows.store import EXPERIMENT, client, experiment_id
+    from flows.bookkeeping.store import EXPERIMENT, client, experiment_id
 
     eid = experiment_id(client(), EXPERIMENT)  # through the server: its creator manages it
     if grant(s, "experiment", eid, WORKERS):  # one a user made before the workers did

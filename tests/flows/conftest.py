@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture()
 def store(tmp_path, monkeypatch):
     """A fresh SQLite store whose lock waits 1 s, its experiment made; the client."""
-    from flows.store import client, experiment_id
+    from flows.bookkeeping.store import client, experiment_id
 
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration,
 
 
 def _runs(c):
-    from flows.store import experiment_id
+    from flows.bookkeeping.store import experiment_id
 
     return c.search_runs([experiment_id(c)], order_by=["attributes.start_time ASC"])
 
@@ -38,8 +38,8 @@ def test_a_second_process_on_a_busy_stage_touches_no_run_and_the_owner_s_run_tel
     """What a retried task or an impatient user does: the same stage command again while it trains."""
     from mlflow.tracking import MlflowClient
 
-    from flows.sync import reconcile
-    from flows.tracking import PID_TAG, STAGE_TAG
+    from flows.bookkeeping.sync import reconcile
+    from flows.bookkeeping.pipeline_run import PID_TAG, STAGE_TAG
 
     params = yaml.safe_load(tiny_params.read_text())
     params["finetune"]["epochs"] = 8
@@ -86,8 +86,8 @@ def test_a_sigterm_while_a_finished_stage_records_keeps_the_stage_done_and_sync_
 
     from mlflow.tracking import MlflowClient
 
-    from flows.record import PENDING
-    from flows.sync import sync
+    from flows.bookkeeping.record_stage import PENDING
+    from flows.bookkeeping.sync import sync
 
     params = yaml.safe_load(tiny_params.read_text())
     params["finetune"]["epochs"] = 3
@@ -131,9 +131,9 @@ def test_the_model_is_logged_and_registered_once_whatever_failed_between_and_no_
         store, out, tiny_params):
     """A failure between logging the model and the tag that marks it logged: the next recording
     logs and registers nothing again; logging a model into a stopped run leaves it stopped."""
-    from flows.logged_model import log_quantized_model
-    from flows.record import MODEL_FOR_TAG, RECORDED_TAG, record_stage
-    from flows.store import experiment_id
+    from flows.bookkeeping.logged_model import log_quantized_model
+    from flows.bookkeeping.record_stage import MODEL_FOR_TAG, RECORDED_TAG, record_stage
+    from flows.bookkeeping.store import experiment_id
     from texq.pipeline import read_config
 
     cfg = read_config(tiny_params, "cpu").run
@@ -156,11 +156,11 @@ def test_the_model_is_logged_and_registered_once_whatever_failed_between_and_no_
 
 
 def test_params_a_run_failed_to_take_are_logged_by_the_next_stage(store, out, tiny_params):
-    from flows.tracking import KEY_TAG, pipeline_key, tracked_stage
+    from flows.bookkeeping.pipeline_run import KEY_TAG, pipeline_key, tracked_stage
     from texq.pipeline import read_config
 
     cfg = read_config(tiny_params, "cpu").run
-    from flows.store import experiment_id
+    from flows.bookkeeping.store import experiment_id
 
     # the run was created, then logging its params failed (the store went away in between)
     store.create_run(experiment_id(store), tags={KEY_TAG: pipeline_key(tiny_params)})
@@ -172,10 +172,10 @@ def test_params_a_run_failed_to_take_are_logged_by_the_next_stage(store, out, ti
 
 def test_reconcile_ends_a_completed_flow_run_s_run_and_leaves_another_machine_s_alone(
         store, out, tiny_params, monkeypatch):
-    from flows.store import experiment_id
-    from flows.sync import reconcile
-    from flows.provenance import where_tags
-    from flows.tracking import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG
+    from flows.bookkeeping.store import experiment_id
+    from flows.bookkeeping.sync import reconcile
+    from flows.bookkeeping.provenance import where_tags
+    from flows.bookkeeping.pipeline_run import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -191,7 +191,7 @@ def test_reconcile_ends_a_completed_flow_run_s_run_and_leaves_another_machine_s_
                                         "texq.host_id": "another"})
     # another machine (or container) with this machine's name, whose stage works on
     twin = run("train running", **{"texq.host_id": "another"})
-    monkeypatch.setattr("flows.sync._prefect_states", lambda ids: {"f-done": "COMPLETED"})
+    monkeypatch.setattr("flows.bookkeeping.sync._prefect_states", lambda ids: {"f-done": "COMPLETED"})
     ended = reconcile()["ended"]
     assert [e["run_id"] for e in ended] == [completed]
     assert store.get_run(completed).info.status == "FINISHED"
@@ -200,9 +200,9 @@ def test_reconcile_ends_a_completed_flow_run_s_run_and_leaves_another_machine_s_
 
 def test_sync_records_into_the_run_of_the_files_not_of_another_configuration_s_note(
         store, out, tiny_params, tmp_path):
-    from flows.record import PENDING, note_unrecorded
-    from flows.store import experiment_id
-    from flows.sync import sync
+    from flows.bookkeeping.record_stage import PENDING, note_unrecorded
+    from flows.bookkeeping.store import experiment_id
+    from flows.bookkeeping.sync import sync
 
     exp = experiment_id(store)
     other = store.create_run(exp, run_name="another configuration").info.run_id
@@ -235,7 +235,7 @@ def test_finished_work_is_published_when_the_tracking_server_is_down_at_the_end(
     store does not answer as they publish their results."""
     from flows.grid import record_grid
     from flows.pipeline import result_row
-    from flows.store import client
+    from flows.bookkeeping.store import client
 
     folder = tmp_path / "workspace"
     (folder / "out").mkdir(parents=True)
@@ -256,7 +256,7 @@ def test_finished_work_is_published_when_the_tracking_server_is_down_at_the_end(
 
 def test_an_error_of_texq_s_own_recording_is_not_reported_as_the_store_s(
         store, out, tiny_params, monkeypatch, capsys):
-    from flows.tracking import tracked_stage
+    from flows.bookkeeping.pipeline_run import tracked_stage
     from texq.pipeline import read_config
 
     cfg = read_config(tiny_params, "cpu").run
@@ -264,7 +264,7 @@ def test_an_error_of_texq_s_own_recording_is_not_reported_as_the_store_s(
     def broken(*args, **kwargs):
         raise KeyError("top1")  # a recording bug, e.g. a metrics.json field renamed
 
-    monkeypatch.setattr("flows.tracking.record_stage", broken)
+    monkeypatch.setattr("flows.bookkeeping.pipeline_run.record_stage", broken)
     with tracked_stage("evaluate", tiny_params, out, cfg):
         pass
     err = capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_the_flow_names_the_closest_keys_of_a_misspelled_grid_key(tiny_params):
 
 
 def test_a_run_s_end_is_said_in_words_that_tell_stopped_from_failed():
-    from flows.run_end import end_words
+    from flows.bookkeeping.run_end import end_words
 
     assert end_words("KILLED", "Prefect flow run Cancelled") == "stopped: Prefect flow run Cancelled"
     assert end_words("FAILED", "stage train raised RuntimeError") == "failed: stage train raised RuntimeError"
@@ -105,7 +105,7 @@ def test_a_run_s_end_is_said_in_words_that_tell_stopped_from_failed():
 def test_a_grid_s_view_shows_its_children_only_best_first(tmp_path, monkeypatch):
     import json
 
-    from flows.store import VIEW_COLUMNS, add_grid_view, client, experiment_id, run_url, runs_view_url
+    from flows.bookkeeping.store import VIEW_COLUMNS, add_grid_view, client, experiment_id, run_url, runs_view_url
 
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -1,4 +1,4 @@
-"""Results before bookkeeping (flows.record, flows.tracking, flows.sync): a store that is locked or
+"""Results before bookkeeping (flows.bookkeeping.record_stage, flows.bookkeeping.pipeline_run, flows.bookkeeping.sync): a store that is locked or
 down never fails or repeats a stage's work, and what it did not take is recorded later, once."""
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ pytestmark = [pytest.mark.integration,
 
 
 def _runs(c):
-    from flows.store import experiment_id
+    from flows.bookkeeping.store import experiment_id
 
     return c.search_runs([experiment_id(c)], order_by=["attributes.start_time ASC"])
 
 
 def test_a_store_locked_when_the_work_is_done_fails_nothing_and_sync_records_it_once(
         store, out, tiny_params, tmp_path, capsys, monkeypatch):
-    from flows.record import PENDING
-    from flows.sync import sync
-    from flows.tracking import tracked_stage
+    from flows.bookkeeping.record_stage import PENDING
+    from flows.bookkeeping.sync import sync
+    from flows.bookkeeping.pipeline_run import tracked_stage
     from texq.pipeline import read_config
 
     cfg = read_config(tiny_params, "cpu").run
@@ -62,7 +62,7 @@ def test_a_store_locked_when_the_work_is_done_fails_nothing_and_sync_records_it_
     assert len(g_loss) == len(history)  # each epoch once
     # sync finds the run that recorded these very files, whatever key it computes (another
     # checkout's commit, the note gone): no second run
-    monkeypatch.setattr("flows.sync.pipeline_key", lambda *a, **k: "another-commit")
+    monkeypatch.setattr("flows.bookkeeping.sync.pipeline_key", lambda *a, **k: "another-commit")
     assert sync(out, tiny_params)["run_id"] == run.info.run_id and len(_runs(store)) == 1
 
 
@@ -70,9 +70,9 @@ def test_a_store_down_from_the_start_leaves_the_work_running_and_sync_creates_th
         store, out, tiny_params, tmp_path, monkeypatch, capsys):
     import socket
 
-    from flows.record import PENDING
-    from flows.sync import sync
-    from flows.tracking import tracked_stage
+    from flows.bookkeeping.record_stage import PENDING
+    from flows.bookkeeping.sync import sync
+    from flows.bookkeeping.pipeline_run import tracked_stage
     from texq.pipeline import read_config
 
     cfg = read_config(tiny_params, "cpu").run
@@ -99,8 +99,8 @@ def test_a_store_down_from_the_start_leaves_the_work_running_and_sync_creates_th
 
 
 def test_the_next_stage_records_what_the_last_one_could_not(store, out, tiny_params, capsys):
-    from flows.record import PENDING, note_unrecorded
-    from flows.tracking import pipeline_key, tracked_stage
+    from flows.bookkeeping.record_stage import PENDING, note_unrecorded
+    from flows.bookkeeping.pipeline_run import pipeline_key, tracked_stage
     from texq.pipeline import read_config
 
     cfg = read_config(tiny_params, "cpu").run
@@ -115,8 +115,8 @@ def test_the_next_stage_records_what_the_last_one_could_not(store, out, tiny_par
 
 
 def test_an_interrupted_session_continues_its_run_instead_of_opening_another(store, out, tiny_params):
-    from flows.run_end import Terminated
-    from flows.tracking import RESUMED_TAG, tracked_stage
+    from flows.bookkeeping.run_end import Terminated
+    from flows.bookkeeping.pipeline_run import RESUMED_TAG, tracked_stage
     from texq.pipeline import read_config
 
     cfg = read_config(tiny_params, "cpu").run
@@ -140,11 +140,11 @@ def test_an_interrupted_session_continues_its_run_instead_of_opening_another(sto
 
 def test_reconcile_ends_the_runs_of_dead_stage_processes_recording_their_finished_work(
         store, out, tiny_params, tmp_path):
-    from flows.record import note_unrecorded
-    from flows.store import experiment_id
-    from flows.sync import reconcile
-    from flows.provenance import where_tags
-    from flows.tracking import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG
+    from flows.bookkeeping.record_stage import note_unrecorded
+    from flows.bookkeeping.store import experiment_id
+    from flows.bookkeeping.sync import reconcile
+    from flows.bookkeeping.provenance import where_tags
+    from flows.bookkeeping.pipeline_run import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

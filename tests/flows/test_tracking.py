@@ -1,4 +1,4 @@
-"""MLflow store conventions of flows/tracking.py that need no pipeline run."""
+"""MLflow store conventions of flows/bookkeeping/pipeline_run.py that need no pipeline run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration,
 
 
 def test_a_copied_store_never_writes_artifacts_into_the_old_checkout(tmp_path, monkeypatch):
-    from flows.store import client, experiment_id
+    from flows.bookkeeping.store import client, experiment_id
     from texq.util.errors import ConfigError
 
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
@@ -38,7 +38,7 @@ def test_a_copied_store_never_writes_artifacts_into_the_old_checkout(tmp_path, m
 
 
 def _store(tmp_path, monkeypatch):
-    from flows.store import client
+    from flows.bookkeeping.store import client
 
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -48,7 +48,7 @@ def _store(tmp_path, monkeypatch):
 def test_the_experiment_opens_on_its_runs_with_texq_columns(tmp_path, monkeypatch):
     import json
 
-    from flows.store import VIEW_KEY, experiment_id, runs_view_url
+    from flows.bookkeeping.store import VIEW_KEY, experiment_id, runs_view_url
 
     c = _store(tmp_path, monkeypatch)
     exp = c.get_experiment(experiment_id(c))
@@ -63,9 +63,9 @@ def test_the_experiment_opens_on_its_runs_with_texq_columns(tmp_path, monkeypatc
 
 def test_a_stopped_stage_ends_killed_an_error_failed_and_a_flow_run_s_leftovers_end_as_told(
         tiny_params, tmp_path, monkeypatch):
-    from flows.store import experiment_id
-    from flows.run_end import FLOW_END_TAG, Orphaned, Terminated, end_flow_run_runs, end_state
-    from flows.tracking import tracked_stage
+    from flows.bookkeeping.store import experiment_id
+    from flows.bookkeeping.run_end import FLOW_END_TAG, Orphaned, Terminated, end_flow_run_runs, end_state
+    from flows.bookkeeping.pipeline_run import tracked_stage
     from texq.pipeline import read_config
 
     assert [end_state(e) for e in (Terminated(), KeyboardInterrupt(), ValueError(), SystemExit(1),
@@ -102,7 +102,7 @@ def test_a_stopped_stage_ends_killed_an_error_failed_and_a_flow_run_s_leftovers_
 
 
 def test_a_registered_version_describes_the_run_in_its_tags():
-    from flows.logged_model import version_description, version_tags
+    from flows.bookkeeping.logged_model import version_description, version_tags
     from texq.run.config import RunConfig
 
     cfg = RunConfig.for_profile("quick", pretrained=True, w_bits=3, a_bits=3, seed=2)

@@ -5,7 +5,7 @@ into exceptions; the end of a Prefect flow run's leftover runs."""
 
 from __future__ import annotations
 
-from flows.store import client, experiment_name
+from flows.bookkeeping.store import client, experiment_name
 
 FLOW_END_TAG = "texq.flow_run_end"  # the Prefect state that ended a flow run's MLflow runs
 # How a run ended, in words (a column of texq's runs view): MLflow's UI draws KILLED and FAILED
@@ -50,7 +50,7 @@ def end_flow_run_runs(flow_run_id: str, status: str, state: str = "") -> list[st
     """End every MLflow run still RUNNING that a Prefect flow run opened (its pipeline run, or a
     grid's parent run) with ``status`` (KILLED for a cancelled flow run, FAILED for a crashed one):
     the state Prefect gave it, ``state``, is tagged, so that a stage process that outlived its
-    flow run opens no new run (``flows.tracking.find_or_create_run``). Returns the run ids ended."""
+    flow run opens no new run (``flows.bookkeeping.pipeline_run.find_or_create_run``). Returns the run ids ended."""
     c = client()
     exp = c.get_experiment_by_name(experiment_name())
     if exp is None or not flow_run_id:

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from flows.logged_model import log_quantized_model
-from flows.store import safe_name, tracking_uri
+from flows.bookkeeping.logged_model import log_quantized_model
+from flows.bookkeeping.store import safe_name, tracking_uri
 from texq.util.io import file_digest, read_json, write_json
 
 log = logging.getLogger("texq")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.store import client_uri, safe_name
+from flows.bookkeeping.store import client_uri, safe_name
 
 RESULT_TAG = "texq.metrics_sha256"  # on a logged model: the metrics.json it was logged for
 

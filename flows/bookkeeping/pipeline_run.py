@@ -17,7 +17,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from flows.record import (
+from flows.bookkeeping.provenance import git_commit, where_tags
+from flows.bookkeeping.record_stage import (
     METRICS_TAG,
     TRAINED_TAG,
     failure_line,
@@ -28,9 +29,15 @@ from flows.record import (
     tracking_error,
     unrecorded,
 )
-from flows.provenance import git_commit, where_tags
-from flows.run_end import END_WORDS, FLOW_END_TAG, Orphaned, Terminated, end_run, end_state
-from flows.store import client, experiment_id, experiment_name, tracking_uri
+from flows.bookkeeping.run_end import (
+    END_WORDS,
+    FLOW_END_TAG,
+    Orphaned,
+    Terminated,
+    end_run,
+    end_state,
+)
+from flows.bookkeeping.store import client, experiment_id, experiment_name, tracking_uri
 from texq.util.io import file_digest
 
 __all__ = ["TRAINED_TAG", "METRICS_TAG"]  # re-exported: flows.compare reads them from here
@@ -129,7 +136,7 @@ def tracked_stage(stage: str, params_file: str | Path, out: Path, cfg, parent_ru
     """Run a stage inside its pipeline run's MLflow run (FAILED on error, KILLED when stopped,
     FINISHED after ``evaluate``). The store is a bookkeeper, never a precondition: when it cannot
     be reached the stage runs unrecorded (it yields None), and once the stage's work is done no
-    failure of the store fails it; what was not recorded is noted (``flows.record``) and recorded
+    failure of the store fails it; what was not recorded is noted (``flows.bookkeeping.record_stage``) and recorded
     by the next stage of the run or ``texq track sync``."""
     with quiet_store():
         yield from _tracked_stage(stage, params_file, out, cfg, parent_run_id, flow_run_id, register)

@@ -18,7 +18,17 @@ import os
 import socket
 from pathlib import Path
 
-from flows.record import (
+from flows.bookkeeping.pipeline_run import (
+    KEY_TAG,
+    OUT_TAG,
+    PID_TAG,
+    STAGE_TAG,
+    find_or_create_run,
+    pipeline_key,
+    stage_lock,
+)
+from flows.bookkeeping.provenance import HOST_ID_TAG, host_id
+from flows.bookkeeping.record_stage import (
     RECORDED_TAG,
     current,
     drop_unrecorded,
@@ -28,10 +38,8 @@ from flows.record import (
     source_file,
     unrecorded,
 )
-from flows.store import client, experiment_id, experiment_name
-from flows.provenance import HOST_ID_TAG, host_id
-from flows.run_end import FLOW_END_TAG, end_run
-from flows.tracking import KEY_TAG, OUT_TAG, PID_TAG, STAGE_TAG, find_or_create_run, pipeline_key, stage_lock
+from flows.bookkeeping.run_end import FLOW_END_TAG, end_run
+from flows.bookkeeping.store import client, experiment_id, experiment_name
 from texq.util.errors import ConfigError
 from texq.util.io import file_digest
 
@@ -43,13 +51,12 @@ FINAL = {"COMPLETED": "FINISHED", "CRASHED": "FAILED", "FAILED": "FAILED", "CANC
 
 def sync(out: str | Path = "out/pipeline", params_file: str | Path = "params.yaml") -> dict:
     """Record what ``out`` holds into its pipeline run's MLflow run and end the run truthfully."""
+    from flows.checkout import require_own_checkout
     from texq.pipeline import STAGES, read_config
     from texq.run.config import fingerprint
     from texq.run.layout import Layout
     from texq.util.io import read_json
     from texq.util.lock import folder_lock
-
-    from flows.checkout import require_own_checkout
 
     require_own_checkout(what="texq track sync")  # the store it records into is its code's checkout's
     out = Path(out)
