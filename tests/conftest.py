@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The modules that take longest, longest first (a serial run's timings on a 2-core AMD EPYC, in
-# minutes: lab 10, flows 9, faults 5, bookkeeping 4, pipeline 4, export 2.5): with several
-# workers (TEXQ_TEST_WORKERS, pytest-xdist, a module at a time) they start first and the short
-# modules fill the gaps. One process keeps the files' order.
-SLOW_FIRST = ("tests/flows/test_lab.py", "tests/flows/test_flows.py", "tests/flows/test_faults.py",
-              "tests/flows/test_bookkeeping.py", "tests/pipeline/test_pipeline.py",
-              "tests/export/test_export.py", "tests/flows/test_security.py",
-              "tests/flows/test_recording.py", "tests/flows/test_tracking.py",
-              "tests/scripts/test_gpu_scripts.py", "tests/flows/test_workspace.py",
-              "tests/export/test_fast_export.py", "tests/run/test_run.py")
+# The modules that take longest, longest first (seconds in a 2-worker run on a 2-core AMD EPYC,
+# 2026-12-08: flows 1051, lab 697, faults 593, pipeline 358, gpu_scripts 259, bookkeeping 244,
+# workspace 202, security 166, export 156): the test processes (scripts/test.sh, pytest-xdist, a
+# module at a time) start them first and the short modules fill the gaps. One process keeps the
+# files' order.
+SLOW_FIRST = ("tests/flows/test_flows.py", "tests/flows/test_lab.py", "tests/flows/test_faults.py",
+              "tests/pipeline/test_pipeline.py", "tests/scripts/test_gpu_scripts.py",
+              "tests/flows/test_bookkeeping.py", "tests/flows/test_workspace.py",
+              "tests/flows/test_security.py", "tests/export/test_export.py", "tests/flows/test_tracking.py",
+              "tests/run/test_run.py", "tests/method/test_speedups.py", "tests/run/test_run_folder.py",
+              "tests/pipeline/test_dvc_deps.py", "tests/flows/test_recording.py",
+              "tests/export/test_fast_export.py")
 
 
 def pytest_configure(config):

@@ -17,6 +17,8 @@ import yaml
 from texq.pipeline import load_params, pipeline_config, read_config, run_stage
 from texq.pipeline.params import NOT_IN_FILE
 from texq.run.config import RunConfig, fingerprint
+from texq.run.layout import Layout
+from texq.run.teacher import teacher_top1
 from texq.util.errors import ConfigError
 from texq.util.keys import flatten, leaves
 
@@ -163,10 +165,14 @@ def test_evaluate_reuses_the_teacher_score_only_for_the_same_model_and_data(stag
     # a marked score in teacher.json shows whether evaluate took it or scored F itself
     (out / "teacher.json").write_text(json.dumps({**teacher, "top1": 12.5}))
     assert run_stage("evaluate", config, out, progress=False)["fp_top1"] == 12.5
+    # the stage's choice (teacher_top1): another model, data or size, or no teacher.json, is scored again
+    layout, n = Layout(out), teacher["n"]
+    assert teacher_top1(layout, config.run, n) == 12.5  # as the stage chose above
     for key, value in (("data", "other.npz"), ("checkpoint", "other.pt"), ("n", 7)):
         (out / "teacher.json").write_text(json.dumps({**teacher, "top1": 12.5, key: value}))
-        assert run_stage("evaluate", config, out, progress=False)["fp_top1"] == real_fp
+        assert teacher_top1(layout, config.run, n) is None
     (out / "teacher.json").unlink()
+    assert teacher_top1(layout, config.run, n) is None
     assert run_stage("evaluate", config, out, progress=False)["fp_top1"] == real_fp
 
 

@@ -252,6 +252,7 @@ def test_cli_run_prints_json_last(tiny_setup, tmp_path, capsys):
     assert rc == 2 and "unknown config key" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # three texq run processes, one SIGKILLed
 def test_killed_run_resumes_and_finishes_identically(tiny_setup, tmp_path):
     """Kill a run during fine-tuning, rerun it with the same --out: it resumes from its last
     completed epoch and ends exactly where an uninterrupted run ends."""
@@ -260,30 +261,37 @@ def test_killed_run_resumes_and_finishes_identically(tiny_setup, tmp_path):
             str(ckpt), "--data", str(data), "--profile", "tiny", "--device", "cpu", "--no-progress",
             "--set", "finetune.epochs=8", "--set", "finetune.iters_per_epoch=4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    whole = subprocess.run(argv + ["--out", str(tmp_path / "whole")], capture_output=True, text=True,
-                           env=env, timeout=300)
-    assert whole.returncode == 0, whole.stderr
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(argv + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not list(out.glob(".work/train-*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    ckpt_path = next(out.glob(".work/train-*/checkpoint.pt"))  # the training's checkpoint
-    done = torch.load(ckpt_path, weights_only=True)["epoch"]
-    resumed = subprocess.run(argv + ["--out", str(out)], capture_output=True, text=True, env=env,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {ckpt_path} after epoch {done}" in resumed.stderr
-    a = json.loads(whole.stdout.strip().splitlines()[-1])
-    b = json.loads(resumed.stdout.strip().splitlines()[-1])
-    assert a["correct"] == b["correct"] and a["top1"] == b["top1"]
-    qa = torch.load(tmp_path / "whole" / "train" / "qmodel.pt", weights_only=True)["state_dict"]
-    qb = torch.load(out / "train" / "qmodel.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(qa[k], qb[k]) for k in qa)
+    # the uninterrupted run, beside the one to kill (one thread each: the second core is used)
+    whole = subprocess.Popen(argv + ["--out", str(tmp_path / "whole")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out = tmp_path / "killed"
+        proc = subprocess.Popen(argv + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while not list(out.glob(".work/train-*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+        ckpt_path = next(out.glob(".work/train-*/checkpoint.pt"))  # the training's checkpoint
+        done = torch.load(ckpt_path, weights_only=True)["epoch"]
+        resumed = subprocess.run(argv + ["--out", str(out)], capture_output=True, text=True, env=env,
+                                 timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resuming from {ckpt_path} after epoch {done}" in resumed.stderr
+        whole_out, whole_err = whole.communicate(timeout=300)
+        assert whole.returncode == 0, whole_err
+        a = json.loads(whole_out.strip().splitlines()[-1])
+        b = json.loads(resumed.stdout.strip().splitlines()[-1])
+        assert a["correct"] == b["correct"] and a["top1"] == b["top1"]
+        qa = torch.load(tmp_path / "whole" / "train" / "qmodel.pt", weights_only=True)["state_dict"]
+        qb = torch.load(out / "train" / "qmodel.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(qa[k], qb[k]) for k in qa)
+    finally:
+        if whole.poll() is None:  # a failure above: no run left behind
+            whole.kill()
+            whole.wait()
 
 
 def test_a_saved_artifact_has_the_same_bytes_every_time(tmp_path):

@@ -150,6 +150,7 @@ def test_bad_values_of_python_callers_are_texq_errors():
         RunConfig.for_profile("tiny", pretrained=True, overrides={"finetune.epochs": 0})
 
 
+@pytest.mark.integration  # texq run processes, one SIGKILLed
 def test_concurrent_runs_one_refused_and_a_sigkilled_owner_s_run_resumed_by_the_next(tiny_setup, tmp_path):
     """Black box: two ``texq run`` into one folder at once, then the owner SIGKILLed mid-training."""
 
