@@ -12,8 +12,7 @@ VENV="${TEXQ_VENV:-.venv}"
 n="${TEXQ_TEST_WORKERS:-auto}"
 if [ "$n" = auto ]; then
     n=$(nproc 2>/dev/null || echo 1)
-    [ "$n" -gt 4 ] && n=4
-    [ "$n" -lt 2 ] && n=0
+    n=$(( n > 4 ? 4 : (n < 2 ? 0 : n) ))  # 1 core: one process, no xdist
 fi
 workers=()
 if [ "$n" != 0 ]; then

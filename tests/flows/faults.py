@@ -75,12 +75,13 @@ def stages_in_process(params_file: Path, epochs: int, root: Path) -> dict:
     import torch
 
     from texq.pipeline import read_config, run_stage
+    from texq.pipeline.stages import STAGES
 
     config = read_config(write_params(params_file, epochs, root / "params.yaml"), "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name in ("teacher", "synthesize", "train", "evaluate"):
+        for name in STAGES:  # in the pipeline's order
             run_stage(name, config, root / "out", progress=False)
     finally:
         torch.set_num_threads(threads)
